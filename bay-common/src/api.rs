@@ -1,0 +1,131 @@
+//! The tracker's HTTP API as both sides see it, and the registry-style error body that every
+//! bay HTTP surface answers with.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::reference::{Registry, RepositoryName};
+
+/// Media type of `GET /v1/torrents/...` answers.
+pub const TORRENT_CONTENT_TYPE: &str = "application/x-bittorrent";
+/// Header carrying the hex info hash next to a torrent, so proxies can log it without parsing.
+pub const INFO_HASH_HEADER: &str = "x-bay-info-hash";
+
+/// Path of the torrent for a blob, relative to a tracker's base URL.
+pub fn torrent_path(registry: &Registry, name: &RepositoryName, digest: &Digest) -> String {
+    format!(
+        "/v1/torrents/{}/{}/blobs/{}",
+        registry.authority(),
+        name,
+        digest
+    )
+}
+
+/// Registry error codes (distribution-spec "Error Codes", plus distribution's extras).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    BlobUnknown,
+    DigestInvalid,
+    NameInvalid,
+    NameUnknown,
+    ManifestUnknown,
+    Unauthorized,
+    Denied,
+    Unsupported,
+    Toomanyrequests,
+    RangeInvalid,
+    SizeInvalid,
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The HTTP status distribution uses for the code.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BlobUnknown | ErrorCode::NameUnknown | ErrorCode::ManifestUnknown => 404,
+            ErrorCode::DigestInvalid | ErrorCode::NameInvalid | ErrorCode::SizeInvalid => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Denied => 403,
+            ErrorCode::Unsupported => 405,
+            ErrorCode::Toomanyrequests => 429,
+            ErrorCode::RangeInvalid => 416,
+            ErrorCode::Unavailable => 503,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorItem {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+}
+
+/// `{"errors":[{"code","message","detail"}]}`, what registry clients parse and show to users.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub errors: Vec<ErrorItem>,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>, detail: serde_json::Value) -> Self {
+        Self {
+            errors: vec![ErrorItem {
+                code,
+                message: message.into(),
+                detail,
+            }],
+        }
+    }
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("error bodies always serialize")
+    }
+}
+
+/// `GET /v1/stats` on the tracker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrackerStats {
+    pub blobs_held: u64,
+    pub bytes_held: u64,
+    pub upstream_fetches: u64,
+    pub upstream_bytes: u64,
+    pub torrents_served: u64,
+    pub swarms: u64,
+    pub peers: u64,
+    pub seed_uploaded_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_shape() {
+        let body = ErrorBody::new(
+            ErrorCode::DigestInvalid,
+            "bad digest",
+            serde_json::json!({"digest": "x"}),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"errors":[{"code":"DIGEST_INVALID","message":"bad digest","detail":{"digest":"x"}}]})
+        );
+        assert_eq!(ErrorCode::Toomanyrequests.status(), 429);
+        let v = serde_json::to_value(ErrorCode::Toomanyrequests).unwrap();
+        assert_eq!(v, "TOOMANYREQUESTS");
+    }
+
+    #[test]
+    fn torrent_path_is_canonical() {
+        let reg: Registry = "http://127.0.0.2:5000".parse().unwrap();
+        let name: RepositoryName = "library/alpine".parse().unwrap();
+        let d = Digest::sha256_of(b"");
+        assert_eq!(
+            torrent_path(&reg, &name, &d),
+            format!("/v1/torrents/127.0.0.2:5000/library/alpine/blobs/{d}")
+        );
+    }
+}

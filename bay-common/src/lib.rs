@@ -1,0 +1,12 @@
+//! What bay-tracker and bay-proxy share: validated names and digests, deterministic torrents,
+//! the tracker's wire types and HTTP API, and the upstream registry client.
+
+pub mod announce;
+pub mod api;
+pub mod digest;
+pub mod reference;
+pub mod torrent;
+pub mod upstream;
+
+pub use digest::{Algorithm, Digest, DigestError, Verifier};
+pub use reference::{NameError, Registry, RegistryError, RepositoryName, Scheme};

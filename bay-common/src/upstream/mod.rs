@@ -1,0 +1,318 @@
+//! The client for upstream registries: blob HEADs and GETs with registry auth.
+//!
+//! Only `<registry>/v2/<name>/blobs/<digest>` URLs are ever built here, from validated parts, so
+//! a caller can never make bay fetch a URL of its choosing. Redirects (307 to blob storage) are
+//! followed for GETs with reqwest's policy, which drops `Authorization` when the host changes;
+//! HEADs never follow them, since a redirect already proves the caller may read the blob.
+
+mod auth;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+
+pub use auth::{Challenge, Credentials};
+use auth::{TokenCache, TokenResponse};
+
+use crate::digest::Digest;
+use crate::reference::{Registry, RepositoryName};
+
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    pub connect_timeout: Duration,
+    /// Whole-request limit for HEADs and token requests.
+    pub request_timeout: Duration,
+    /// Longest silence while reading a blob body; blobs may take long, but never stall forever.
+    pub read_timeout: Duration,
+    pub user_agent: String,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(60),
+            user_agent: concat!("bay/", env!("CARGO_PKG_VERSION")).to_string(),
+        }
+    }
+}
+
+/// An upstream answer that the caller must see as is: 401 (with its challenge, so the client
+/// can authenticate), 403, 404, 429.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: StatusCode,
+    /// The headers worth relaying: WWW-Authenticate, Content-Type, Retry-After, Docker-*.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream refused with {}", .0.status)]
+    Refused(Box<Refusal>),
+    #[error("upstream answered {status} for {url}")]
+    Status { status: StatusCode, url: String },
+    #[error("upstream request to {url} failed: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("token endpoint {realm} failed: {why}")]
+    Token { realm: String, why: String },
+}
+
+impl UpstreamError {
+    fn transport(url: &str, source: reqwest::Error) -> Self {
+        UpstreamError::Transport {
+            url: url.to_string(),
+            source,
+        }
+    }
+}
+
+/// What a blob HEAD told us.
+#[derive(Debug, Clone)]
+pub struct BlobHead {
+    /// `None` when upstream redirected (the size lives at the storage URL).
+    pub size: Option<u64>,
+    pub redirected: bool,
+}
+
+pub struct UpstreamClient {
+    follow: reqwest::Client,
+    no_follow: reqwest::Client,
+    tokens: TokenCache,
+    opts: UpstreamOptions,
+}
+
+const RELAYED_HEADERS: &[&str] = &[
+    "www-authenticate",
+    "content-type",
+    "retry-after",
+    "docker-distribution-api-version",
+    "docker-error",
+];
+
+impl UpstreamClient {
+    pub fn new(opts: UpstreamOptions) -> Result<Self, reqwest::Error> {
+        let build = |policy| {
+            reqwest::Client::builder()
+                .user_agent(opts.user_agent.clone())
+                .connect_timeout(opts.connect_timeout)
+                .read_timeout(opts.read_timeout)
+                .redirect(policy)
+                .build()
+        };
+        Ok(Self {
+            follow: build(reqwest::redirect::Policy::limited(5))?,
+            no_follow: build(reqwest::redirect::Policy::none())?,
+            tokens: TokenCache::default(),
+            opts,
+        })
+    }
+
+    pub fn blob_url(registry: &Registry, name: &RepositoryName, digest: &Digest) -> String {
+        format!("{}/v2/{}/blobs/{}", registry.base_url(), name, digest)
+    }
+
+    /// HEAD the blob with the caller's credentials, not following redirects. Ok means upstream
+    /// would serve this blob to this caller.
+    pub async fn head_blob(
+        &self,
+        registry: &Registry,
+        name: &RepositoryName,
+        digest: &Digest,
+        creds: &Credentials,
+    ) -> Result<BlobHead, UpstreamError> {
+        let url = Self::blob_url(registry, name, digest);
+        let resp = self.send(Method::HEAD, &url, creds, false).await?;
+        let status = resp.status();
+        if status.is_redirection() {
+            return Ok(BlobHead {
+                size: None,
+                redirected: true,
+            });
+        }
+        let size = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok(BlobHead {
+            size,
+            redirected: false,
+        })
+    }
+
+    /// GET the blob, following redirects; the body is the caller's to stream and verify.
+    pub async fn get_blob(
+        &self,
+        registry: &Registry,
+        name: &RepositoryName,
+        digest: &Digest,
+        creds: &Credentials,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = Self::blob_url(registry, name, digest);
+        self.send(Method::GET, &url, creds, true).await
+    }
+
+    /// Sends a request, answering one auth challenge if our credentials allow it. Returns only
+    /// 2xx (and 3xx when not following); anything else becomes an error.
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        creds: &Credentials,
+        follow: bool,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let client = if follow {
+            &self.follow
+        } else {
+            &self.no_follow
+        };
+        let attempt = |auth: Option<HeaderValue>| {
+            let mut req = client.request(method.clone(), url);
+            if method == Method::HEAD {
+                req = req.timeout(self.opts.request_timeout);
+            }
+            if let Some(auth) = auth {
+                req = req.header(header::AUTHORIZATION, auth);
+            }
+            req.send()
+        };
+        let first_auth = match creds {
+            Credentials::Forward(h) => Some(h.clone()),
+            _ => None,
+        };
+        let resp = attempt(first_auth)
+            .await
+            .map_err(|e| UpstreamError::transport(url, e))?;
+        let resp = if resp.status() == StatusCode::UNAUTHORIZED
+            && !matches!(creds, Credentials::Forward(_))
+        {
+            match self.answer_challenge(&resp, creds).await? {
+                Some(auth) => attempt(Some(auth))
+                    .await
+                    .map_err(|e| UpstreamError::transport(url, e))?,
+                None => resp,
+            }
+        } else {
+            resp
+        };
+        let status = resp.status();
+        if status.is_success() || (!follow && status.is_redirection()) {
+            return Ok(resp);
+        }
+        if matches!(status.as_u16(), 401 | 403 | 404 | 429) {
+            let mut headers = HeaderMap::new();
+            for name in RELAYED_HEADERS {
+                for v in resp.headers().get_all(*name) {
+                    headers.append(*name, v.clone());
+                }
+            }
+            let body = if method == Method::HEAD {
+                Bytes::new()
+            } else {
+                // Error bodies are small; cap what we keep anyway.
+                let b = resp.bytes().await.unwrap_or_default();
+                b.slice(..b.len().min(64 * 1024))
+            };
+            return Err(UpstreamError::Refused(Box::new(Refusal {
+                status,
+                headers,
+                body,
+            })));
+        }
+        Err(UpstreamError::Status {
+            status,
+            url: url.to_string(),
+        })
+    }
+
+    /// Works out the Authorization header that answers a 401, if our credentials can.
+    async fn answer_challenge(
+        &self,
+        resp: &reqwest::Response,
+        creds: &Credentials,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let Some(challenge) = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Challenge::parse)
+        else {
+            return Ok(None);
+        };
+        match (challenge.scheme.as_str(), creds) {
+            ("basic", Credentials::Basic { username, password }) => {
+                Ok(Some(basic_header(username, password)))
+            }
+            ("bearer", Credentials::Anonymous | Credentials::Basic { .. }) => {
+                let token = self.token(&challenge, creds).await?;
+                Ok(HeaderValue::from_str(&format!("Bearer {token}")).ok())
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn token(
+        &self,
+        challenge: &Challenge,
+        creds: &Credentials,
+    ) -> Result<String, UpstreamError> {
+        let key = TokenCache::key(challenge, creds);
+        if let Some(t) = self.tokens.get(&key) {
+            return Ok(t);
+        }
+        let realm = challenge.realm().unwrap_or_default().to_string();
+        let fail = |why: String| UpstreamError::Token {
+            realm: realm.clone(),
+            why,
+        };
+        let mut url = url::Url::parse(&realm).map_err(|e| fail(format!("bad realm: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(fail("realm is not an http(s) URL".into()));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            for k in ["service", "scope"] {
+                if let Some(v) = challenge.params.get(k) {
+                    q.append_pair(k, v);
+                }
+            }
+        }
+        let mut req = self
+            .follow
+            .get(url.as_str())
+            .timeout(self.opts.request_timeout);
+        if let Credentials::Basic { username, password } = creds {
+            req = req.header(header::AUTHORIZATION, basic_header(username, password));
+        }
+        let resp = req.send().await.map_err(|e| fail(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("status {}", resp.status())));
+        }
+        let body: TokenResponse = resp.json().await.map_err(|e| fail(e.to_string()))?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| fail("answer has no token".into()))?;
+        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
+        self.tokens.put(key, token.clone(), lifetime);
+        Ok(token)
+    }
+}
+
+fn basic_header(username: &str, password: &str) -> HeaderValue {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    let mut v = HeaderValue::from_str(&format!("Basic {raw}")).expect("base64 is a valid header");
+    v.set_sensitive(true);
+    v
+}

@@ -1,0 +1,1 @@
+//! The proxy lands with its own issue.

@@ -1,0 +1,296 @@
+//! Swarm state and the peer hand-out policy of the announce endpoint.
+//!
+//! The policy is what makes simultaneous librqbit leechers trade pieces
+//! (`notes/librqbit-workaround.md`, "A"): a leecher that has nothing yet is handed only seeds,
+//! and meets other leechers only once both have pieces. librqbit sends no bitfield while it has
+//! nothing, and then never sends HAVEs on that connection, so two peers that meet empty never
+//! learn what the other gets. Leechers are asked to re-announce every second so they meet
+//! each other as soon as they have something; seeds every minute.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bay_common::announce::{
+    AnnounceRequest, AnnounceResponse, Event, InfoHash, PeerId, ScrapeEntry,
+};
+use rand::seq::SliceRandom;
+
+pub const LEECHER_INTERVAL: Duration = Duration::from_secs(1);
+pub const SEED_INTERVAL: Duration = Duration::from_secs(60);
+/// A peer that missed this many announce intervals (plus slack) is gone.
+const MISSED_INTERVALS: u32 = 3;
+const EXPIRY_SLACK: Duration = Duration::from_secs(10);
+pub const DEFAULT_NUMWANT: usize = 50;
+pub const MAX_NUMWANT: usize = 200;
+/// Bounds on memory an announcer can make us spend.
+const MAX_SWARMS: usize = 100_000;
+const MAX_PEERS_PER_SWARM: usize = 10_000;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SwarmError {
+    #[error("tracker is tracking too many torrents")]
+    TooManySwarms,
+    #[error("swarm is full")]
+    SwarmFull,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    #[allow(dead_code)] // kept for debugging dumps; peers are keyed by address
+    peer_id: PeerId,
+    left: u64,
+    downloaded: u64,
+    expires: Instant,
+}
+
+impl Peer {
+    fn is_seed(&self) -> bool {
+        self.left == 0
+    }
+    /// Has verified pieces to offer, so it has sent or will send a bitfield.
+    fn has_pieces(&self) -> bool {
+        self.left == 0 || self.downloaded > 0
+    }
+}
+
+#[derive(Default)]
+struct Swarm {
+    peers: HashMap<SocketAddr, Peer>,
+    completed: u32,
+}
+
+#[derive(Default)]
+pub struct Swarms {
+    inner: Mutex<HashMap<InfoHash, Swarm>>,
+}
+
+impl Swarms {
+    /// Records an announce from `peer` and chooses the peers to hand back. `own_seed` is the
+    /// tracker's own seed for torrents it holds.
+    pub fn announce(
+        &self,
+        req: &AnnounceRequest,
+        peer: SocketAddr,
+        own_seed: Option<SocketAddr>,
+        now: Instant,
+    ) -> Result<AnnounceResponse, SwarmError> {
+        let mut swarms = self.inner.lock().expect("swarms poisoned");
+        if !swarms.contains_key(&req.info_hash) && swarms.len() >= MAX_SWARMS {
+            return Err(SwarmError::TooManySwarms);
+        }
+        let swarm = swarms.entry(req.info_hash).or_default();
+        let left = if req.event == Some(Event::Completed) {
+            0
+        } else {
+            req.left
+        };
+        let interval = if left == 0 {
+            SEED_INTERVAL
+        } else {
+            LEECHER_INTERVAL
+        };
+        if req.event == Some(Event::Stopped) {
+            swarm.peers.remove(&peer);
+        } else {
+            if !swarm.peers.contains_key(&peer) && swarm.peers.len() >= MAX_PEERS_PER_SWARM {
+                return Err(SwarmError::SwarmFull);
+            }
+            let me = Peer {
+                peer_id: req.peer_id,
+                left,
+                downloaded: req.downloaded,
+                expires: now + interval * MISSED_INTERVALS + EXPIRY_SLACK,
+            };
+            let was_seed = swarm.peers.insert(peer, me).is_some_and(|p| p.is_seed());
+            if left == 0 && !was_seed && req.event != Some(Event::Started) {
+                swarm.completed += 1;
+            }
+        }
+        let me_has_pieces = left == 0 || req.downloaded > 0;
+        let mut peers: Vec<SocketAddr> = if left == 0 || req.event == Some(Event::Stopped) {
+            // Seeds need nobody: leechers connect to them.
+            Vec::new()
+        } else {
+            swarm
+                .peers
+                .iter()
+                .filter(|(addr, p)| {
+                    **addr != peer
+                        && p.expires > now
+                        && (p.is_seed() || (me_has_pieces && p.has_pieces()))
+                })
+                .map(|(addr, _)| *addr)
+                .collect()
+        };
+        let numwant = req
+            .numwant
+            .map(|n| n as usize)
+            .unwrap_or(DEFAULT_NUMWANT)
+            .min(MAX_NUMWANT);
+        peers.shuffle(&mut rand::rng());
+        if let Some(seed) = own_seed
+            && left != 0
+        {
+            // Always include the tracker's own seed: it is the one peer sure to have it all.
+            peers.retain(|p| *p != seed);
+            peers.insert(0, seed);
+        }
+        peers.truncate(numwant);
+        let complete =
+            swarm.peers.values().filter(|p| p.is_seed()).count() as u32 + own_seed.is_some() as u32;
+        let incomplete = swarm.peers.values().filter(|p| !p.is_seed()).count() as u32;
+        if swarm.peers.is_empty() {
+            swarms.remove(&req.info_hash);
+        }
+        Ok(AnnounceResponse {
+            interval: interval.as_secs() as u32,
+            min_interval: Some(interval.as_secs() as u32),
+            complete,
+            incomplete,
+            peers,
+        })
+    }
+
+    pub fn scrape(
+        &self,
+        hashes: &[InfoHash],
+        held: impl Fn(&InfoHash) -> bool,
+    ) -> Vec<(InfoHash, ScrapeEntry)> {
+        let swarms = self.inner.lock().expect("swarms poisoned");
+        hashes
+            .iter()
+            .map(|h| {
+                let s = swarms.get(h);
+                let seeds = s.map_or(0, |s| s.peers.values().filter(|p| p.is_seed()).count());
+                let total = s.map_or(0, |s| s.peers.len());
+                (
+                    *h,
+                    ScrapeEntry {
+                        complete: (seeds + held(h) as usize) as u32,
+                        downloaded: s.map_or(0, |s| s.completed),
+                        incomplete: (total - seeds) as u32,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Forgets peers that stopped announcing (librqbit never sends `stopped`).
+    pub fn expire(&self, now: Instant) {
+        let mut swarms = self.inner.lock().expect("swarms poisoned");
+        swarms.retain(|_, s| {
+            s.peers.retain(|_, p| p.expires > now);
+            !s.peers.is_empty()
+        });
+    }
+
+    /// (swarms, peers) tracked.
+    pub fn usage(&self) -> (u64, u64) {
+        let swarms = self.inner.lock().expect("swarms poisoned");
+        (
+            swarms.len() as u64,
+            swarms.values().map(|s| s.peers.len() as u64).sum(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(port: u16, left: u64, downloaded: u64) -> AnnounceRequest {
+        AnnounceRequest {
+            info_hash: InfoHash([7; 20]),
+            peer_id: PeerId([port as u8; 20]),
+            port,
+            uploaded: 0,
+            downloaded,
+            left,
+            event: None,
+            compact: true,
+            numwant: None,
+            ip: None,
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn empty_leechers_get_only_seeds() {
+        let s = Swarms::default();
+        let now = Instant::now();
+        let seed = addr(1);
+        s.announce(&req(1, 0, 100), seed, None, now).unwrap();
+        s.announce(&req(2, 100, 0), addr(2), None, now).unwrap();
+        let r = s.announce(&req(3, 100, 0), addr(3), None, now).unwrap();
+        assert_eq!(
+            r.peers,
+            vec![seed],
+            "empty leecher must not meet empty leechers"
+        );
+        assert_eq!(r.interval, 1);
+        assert_eq!((r.complete, r.incomplete), (1, 2));
+        // Once 2 and 3 have pieces they meet.
+        s.announce(&req(2, 50, 50), addr(2), None, now).unwrap();
+        let mut r = s.announce(&req(3, 60, 40), addr(3), None, now).unwrap();
+        r.peers.sort();
+        assert_eq!(r.peers, vec![seed, addr(2)]);
+        // A seed is told to come back in a minute and handed nobody.
+        let r = s.announce(&req(1, 0, 100), seed, None, now).unwrap();
+        assert!(r.peers.is_empty());
+        assert_eq!(r.interval, 60);
+    }
+
+    #[test]
+    fn own_seed_first_and_numwant() {
+        let s = Swarms::default();
+        let now = Instant::now();
+        let own = SocketAddr::from(([127, 0, 0, 9], 6881));
+        for p in 10..40 {
+            s.announce(&req(p, 0, 1), addr(p), Some(own), now).unwrap();
+        }
+        let mut r = req(2, 100, 0);
+        r.numwant = Some(5);
+        let a = s.announce(&r, addr(2), Some(own), now).unwrap();
+        assert_eq!(a.peers.len(), 5);
+        assert_eq!(a.peers[0], own);
+        r.numwant = Some(1_000_000_000);
+        let a = s.announce(&r, addr(2), Some(own), now).unwrap();
+        assert_eq!(a.peers.len(), 31);
+        assert_eq!(a.complete, 31);
+    }
+
+    #[test]
+    fn stopped_and_expired_peers_leave() {
+        let s = Swarms::default();
+        let now = Instant::now();
+        s.announce(&req(1, 0, 1), addr(1), None, now).unwrap();
+        s.announce(&req(2, 10, 0), addr(2), None, now).unwrap();
+        let mut stop = req(1, 0, 1);
+        stop.event = Some(Event::Stopped);
+        s.announce(&stop, addr(1), None, now).unwrap();
+        let r = s.announce(&req(2, 10, 0), addr(2), None, now).unwrap();
+        assert!(r.peers.is_empty());
+        assert_eq!(s.usage(), (1, 1));
+        s.expire(now + Duration::from_secs(3600));
+        assert_eq!(s.usage(), (0, 0));
+    }
+
+    #[test]
+    fn completion_is_counted_for_scrape() {
+        let s = Swarms::default();
+        let now = Instant::now();
+        s.announce(&req(2, 10, 0), addr(2), None, now).unwrap();
+        s.announce(&req(2, 0, 10), addr(2), None, now).unwrap();
+        let e = s.scrape(&[InfoHash([7; 20]), InfoHash([8; 20])], |_| false);
+        assert_eq!(
+            (e[0].1.complete, e[0].1.downloaded, e[0].1.incomplete),
+            (1, 1, 0)
+        );
+        assert_eq!((e[1].1.complete, e[1].1.incomplete), (0, 0));
+    }
+}

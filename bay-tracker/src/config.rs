@@ -1,0 +1,150 @@
+//! Command-line and environment configuration of the tracker.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use bay_common::Registry;
+use clap::Parser;
+
+/// bay-tracker: fetches blobs from allowlisted upstream registries once, verifies their digest,
+/// seeds each as a torrent, and tracks the swarm of bay-proxies that download them.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bay-tracker", version)]
+pub struct Config {
+    /// Address of the HTTP API (torrents, announce, scrape, health, stats).
+    #[arg(long, env = "BAY_LISTEN", default_value = "0.0.0.0:6880")]
+    pub listen: SocketAddr,
+
+    /// BitTorrent port of the tracker's own seed. It listens on the --listen IP.
+    #[arg(long, env = "BAY_PEER_PORT", default_value_t = 6881)]
+    pub peer_port: u16,
+
+    /// IP that peers use to reach the tracker's seed. Default: the --listen IP, or when that is
+    /// unspecified (0.0.0.0), the address each announce arrived on.
+    #[arg(long, env = "BAY_PEER_IP")]
+    pub peer_ip: Option<IpAddr>,
+
+    /// Upstream registry the tracker may fetch from (repeatable, or comma-separated in the env
+    /// var). `host[:port]` means HTTPS; `http://host:port` allows plain HTTP. Requests for any
+    /// other registry are refused.
+    #[arg(long = "upstream", env = "BAY_UPSTREAM", value_delimiter = ',', value_parser = parse_registry)]
+    pub upstreams: Vec<Registry>,
+
+    /// Where verified blobs (blobs/) and partial downloads (tmp/) live.
+    #[arg(long, env = "BAY_DATA_DIR", default_value = "/var/lib/bay-tracker")]
+    pub data_dir: PathBuf,
+
+    /// Most bytes of blobs to keep; least recently requested blobs are evicted beyond it.
+    /// Accepts a plain number or K/M/G/T (binary) suffixes, e.g. 50G.
+    #[arg(long, env = "BAY_CACHE_SIZE", default_value = "50G", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// Announce URL written into torrents. Default: http://<listen>/announce (with the peer IP
+    /// when --listen is unspecified).
+    #[arg(long, env = "BAY_ANNOUNCE_URL")]
+    pub announce_url: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::parse_from(["bay-tracker"])
+    }
+}
+
+impl Config {
+    /// The announce URL torrents name.
+    pub fn announce_url(&self) -> String {
+        if let Some(u) = &self.announce_url {
+            return u.clone();
+        }
+        let ip = if self.listen.ip().is_unspecified() {
+            self.peer_ip.unwrap_or(self.listen.ip())
+        } else {
+            self.listen.ip()
+        };
+        format!(
+            "http://{}/announce",
+            SocketAddr::new(ip, self.listen.port())
+        )
+    }
+
+    pub fn upstream(&self, authority: &str) -> Option<&Registry> {
+        self.upstreams.iter().find(|r| r.authority() == authority)
+    }
+}
+
+fn parse_registry(s: &str) -> Result<Registry, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+/// Parses `1234`, `64K`, `512M`, `50G`, `2T` (binary multiples; an optional `iB`/`B` suffix).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("invalid size {s:?}: unknown unit {c:?}")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional K/M/G/T"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1234").unwrap(), 1234);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("50G").unwrap(), 50 << 30);
+        assert_eq!(parse_size("2t").unwrap(), 2 << 40);
+        for bad in ["", "G", "1.5G", "-1", "12Q", "99999999999T"] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn flags_and_defaults() {
+        let c = Config::parse_from([
+            "bay-tracker",
+            "--upstream",
+            "http://127.0.0.2:5000",
+            "--upstream",
+            "registry-1.docker.io",
+            "--listen",
+            "127.0.0.3:7000",
+        ]);
+        assert_eq!(c.upstreams.len(), 2);
+        assert!(c.upstream("127.0.0.2:5000").is_some());
+        assert!(c.upstream("registry-1.docker.io").is_some());
+        assert!(c.upstream("evil.example").is_none());
+        assert_eq!(c.announce_url(), "http://127.0.0.3:7000/announce");
+        let d = Config::default();
+        assert_eq!(d.listen.port(), 6880);
+        assert_eq!(d.peer_port, 6881);
+        assert!(
+            Config::try_parse_from(["bay-tracker", "--upstream", "ftp://x"]).is_err(),
+            "bad upstream must be refused"
+        );
+    }
+}

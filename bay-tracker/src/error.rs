@@ -1,0 +1,127 @@
+//! The tracker's errors, and their one mapping to registry-style HTTP answers.
+
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bay_common::api::{ErrorBody, ErrorCode};
+use bay_common::upstream::{Refusal, UpstreamError};
+use serde_json::{Value, json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("registry {0:?} is not an allowed upstream of this tracker")]
+    NotAllowed(String),
+    #[error("{0}")]
+    BadDigest(#[from] bay_common::DigestError),
+    #[error("{0}")]
+    BadName(#[from] bay_common::NameError),
+    #[error("malformed torrent path {0:?}: expected /v1/torrents/<registry>/<name>/blobs/<digest>")]
+    BadPath(String),
+    #[error("upstream refused: {}", .0.status)]
+    Refused(Box<Refusal>),
+    #[error("{0}")]
+    Upstream(UpstreamError),
+    #[error("blob {digest} failed verification: upstream sent {got}")]
+    DigestMismatch { digest: String, got: String },
+    #[error("blob {digest} is {got} bytes, upstream announced {expected}")]
+    SizeMismatch {
+        digest: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("blob {0} is empty; empty blobs are not distributed")]
+    Empty(String),
+    #[error("storage: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("seeding failed: {0}")]
+    Seed(String),
+}
+
+impl From<UpstreamError> for TrackerError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Refused(r) => TrackerError::Refused(r),
+            other => TrackerError::Upstream(other),
+        }
+    }
+}
+
+impl TrackerError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            TrackerError::NotAllowed(_) => ErrorCode::Denied,
+            TrackerError::BadDigest(_) => ErrorCode::DigestInvalid,
+            TrackerError::BadName(_) | TrackerError::BadPath(_) => ErrorCode::NameInvalid,
+            TrackerError::Empty(_) => ErrorCode::SizeInvalid,
+            TrackerError::Refused(_)
+            | TrackerError::Upstream(_)
+            | TrackerError::DigestMismatch { .. }
+            | TrackerError::SizeMismatch { .. }
+            | TrackerError::Io(_)
+            | TrackerError::Seed(_) => ErrorCode::Unavailable,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            // Upstream trouble is a bad gateway, not our unavailability.
+            TrackerError::Upstream(_)
+            | TrackerError::DigestMismatch { .. }
+            | TrackerError::SizeMismatch { .. } => StatusCode::BAD_GATEWAY,
+            TrackerError::Io(_) | TrackerError::Seed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            other => StatusCode::from_u16(other.code().status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+}
+
+impl IntoResponse for TrackerError {
+    fn into_response(self) -> Response {
+        self.render()
+    }
+}
+
+impl TrackerError {
+    /// The HTTP answer; by reference because one error may answer every waiter of a flight.
+    pub fn render(&self) -> Response {
+        if let TrackerError::Refused(r) = self {
+            // Relay upstream's own answer (and challenge) so the caller can authenticate. A
+            // refusal to a HEAD has no body; give the caller a registry error instead.
+            let mut resp = if r.body.is_empty() {
+                let code = match r.status.as_u16() {
+                    401 => ErrorCode::Unauthorized,
+                    403 => ErrorCode::Denied,
+                    429 => ErrorCode::Toomanyrequests,
+                    _ => ErrorCode::BlobUnknown,
+                };
+                let body =
+                    ErrorBody::new(code, format!("upstream answered {}", r.status), Value::Null);
+                let mut resp = (r.status, body.to_json()).into_response();
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                resp
+            } else {
+                (r.status, r.body.clone()).into_response()
+            };
+            for name in r.headers.keys() {
+                if r.body.is_empty() && name == CONTENT_TYPE {
+                    continue;
+                }
+                resp.headers_mut().remove(name);
+                for v in r.headers.get_all(name) {
+                    resp.headers_mut().append(name.clone(), v.clone());
+                }
+            }
+            return resp;
+        }
+        let detail = match self {
+            TrackerError::NotAllowed(r) => json!({ "registry": r }),
+            _ => Value::Null,
+        };
+        let body = ErrorBody::new(self.code(), self.to_string(), detail);
+        let mut resp = (self.status(), body.to_json()).into_response();
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp
+    }
+}

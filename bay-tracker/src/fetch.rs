@@ -1,0 +1,292 @@
+//! Making a blob held: verified on disk, torrent built, seeded. One flight per digest.
+//!
+//! The first request for a blob starts a flight that streams it from upstream into `tmp/`,
+//! hashing sha256 and the torrent's SHA-1 pieces in the same pass; only a blob whose digest
+//! matches is renamed into `blobs/` and seeded. Later requests for the same digest wait for
+//! that flight, so upstream sends each blob once however many proxies ask at the same moment.
+//! The flight runs as its own task: a caller that hangs up does not cancel it for the others.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bay_common::torrent::{BlobTorrent, TorrentBuilder};
+use bay_common::upstream::{Credentials, UpstreamClient};
+use bay_common::{Digest, Registry, RepositoryName, Verifier};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Instrument;
+
+use crate::access::AccessCache;
+use crate::error::TrackerError;
+use crate::seeder::Seeder;
+use crate::store::Store;
+
+type FlightResult = Result<Arc<BlobTorrent>, Arc<TrackerError>>;
+type Flight = Shared<BoxFuture<'static, FlightResult>>;
+
+/// Where a flight may get the blob from if it is not on disk.
+#[derive(Clone)]
+pub struct Source {
+    pub registry: Registry,
+    pub name: RepositoryName,
+    pub creds: Credentials,
+}
+
+#[derive(Default)]
+pub struct FetchStats {
+    pub upstream_fetches: AtomicU64,
+    pub upstream_bytes: AtomicU64,
+}
+
+pub struct Blobs {
+    pub store: Arc<Store>,
+    pub seeder: Arc<Seeder>,
+    pub upstream: Arc<UpstreamClient>,
+    pub access: AccessCache,
+    pub stats: Arc<FetchStats>,
+    flights: Mutex<HashMap<Digest, Flight>>,
+}
+
+impl Blobs {
+    pub fn new(store: Arc<Store>, seeder: Arc<Seeder>, upstream: Arc<UpstreamClient>) -> Self {
+        Self {
+            store,
+            seeder,
+            upstream,
+            access: AccessCache::default(),
+            stats: Arc::default(),
+            flights: Mutex::default(),
+        }
+    }
+
+    /// The torrent of a blob for a caller, after upstream agreed the caller may read it.
+    pub async fn torrent_for(
+        self: &Arc<Self>,
+        source: Source,
+        digest: &Digest,
+    ) -> Result<Arc<BlobTorrent>, Arc<TrackerError>> {
+        self.access
+            .check(
+                &self.upstream,
+                &source.registry,
+                &source.name,
+                digest,
+                &source.creds,
+            )
+            .await
+            .map_err(|e| Arc::new(e.into()))?;
+        if let Some(t) = self.store.get(digest) {
+            return Ok(t);
+        }
+        self.ensure(digest, Some(source)).await
+    }
+
+    /// Joins or starts the flight for `digest`. Without a source the flight only verifies a
+    /// blob left on disk by an earlier run.
+    pub async fn ensure(self: &Arc<Self>, digest: &Digest, source: Option<Source>) -> FlightResult {
+        loop {
+            let (flight, ours) = {
+                let mut flights = self.flights.lock().expect("flights poisoned");
+                match flights.get(digest) {
+                    Some(f) => (f.clone(), false),
+                    None => {
+                        let this = self.clone();
+                        let d = digest.clone();
+                        let src = source.clone();
+                        let span = tracing::info_span!("flight", digest = %d,
+                            repo = src.as_ref().map(|s| s.name.to_string()).unwrap_or_default());
+                        let task = tokio::spawn(
+                            async move {
+                                let result = this.run_flight(&d, src).await.map_err(Arc::new);
+                                this.flights.lock().expect("flights poisoned").remove(&d);
+                                result
+                            }
+                            .instrument(span),
+                        );
+                        let f = async move {
+                            task.await.unwrap_or_else(|e| {
+                                Err(Arc::new(TrackerError::Seed(format!("flight task: {e}"))))
+                            })
+                        }
+                        .boxed()
+                        .shared();
+                        flights.insert(digest.clone(), f.clone());
+                        (f, true)
+                    }
+                }
+            };
+            let result = flight.await;
+            // A verify-only flight we merely joined may fail for want of a source; ours may not.
+            if result.is_ok() || ours || source.is_none() || self.store.get(digest).is_some() {
+                return result.or_else(|e| self.store.get(digest).ok_or(e));
+            }
+        }
+    }
+
+    async fn run_flight(
+        &self,
+        digest: &Digest,
+        source: Option<Source>,
+    ) -> Result<Arc<BlobTorrent>, TrackerError> {
+        if let Some(t) = self.store.get(digest) {
+            return Ok(t);
+        }
+        let path = self.store.blob_path(digest);
+        if tokio::fs::try_exists(&path).await? {
+            match self.verify_local(digest, &path).await {
+                Ok(torrent) => return self.hold(torrent).await,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "discarding blob that failed verification: {e}");
+                    tokio::fs::remove_file(&path).await?;
+                }
+            }
+        }
+        let Some(source) = source else {
+            return Err(TrackerError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{digest} is not on disk"),
+            )));
+        };
+        let torrent = self.download(digest, &source).await?;
+        self.hold(torrent).await
+    }
+
+    /// Re-hashes a blob found on disk at start.
+    async fn verify_local(
+        &self,
+        digest: &Digest,
+        path: &PathBuf,
+    ) -> Result<BlobTorrent, TrackerError> {
+        let mut file = tokio::fs::File::open(path).await?;
+        let size = file.metadata().await?.len();
+        let mut verifier = digest.verifier();
+        let mut builder = TorrentBuilder::new(digest.clone(), size)
+            .map_err(|_| TrackerError::Empty(digest.to_string()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            verifier.update(&buf[..n]);
+            builder.update(&buf[..n]);
+        }
+        let got = verifier.finish();
+        if &got != digest {
+            return Err(TrackerError::DigestMismatch {
+                digest: digest.to_string(),
+                got: got.to_string(),
+            });
+        }
+        builder
+            .finish()
+            .map_err(|e| TrackerError::Seed(e.to_string()))
+    }
+
+    /// Streams the blob from upstream into `tmp/`, verifying as it goes; renames it into
+    /// `blobs/` only when the digest matches.
+    async fn download(
+        &self,
+        digest: &Digest,
+        source: &Source,
+    ) -> Result<BlobTorrent, TrackerError> {
+        let started = std::time::Instant::now();
+        let mut resp = self
+            .upstream
+            .get_blob(&source.registry, &source.name, digest, &source.creds)
+            .await?;
+        self.stats.upstream_fetches.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.store.temp_path();
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            let announced = resp.content_length();
+            let mut verifier = Verifier::new(digest.algorithm());
+            let mut builder = match announced {
+                Some(0) => return Err(TrackerError::Empty(digest.to_string())),
+                Some(n) => Some(
+                    TorrentBuilder::new(digest.clone(), n)
+                        .map_err(|e| TrackerError::Seed(e.to_string()))?,
+                ),
+                None => None,
+            };
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| TrackerError::Upstream(transport(&source.registry, e)))?
+            {
+                self.stats
+                    .upstream_bytes
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                verifier.update(&chunk);
+                if let Some(b) = builder.as_mut() {
+                    b.update(&chunk);
+                }
+                file.write_all(&chunk).await?;
+            }
+            let got_size = verifier.bytes_hashed();
+            let got = verifier.finish();
+            if &got != digest {
+                return Err(TrackerError::DigestMismatch {
+                    digest: digest.to_string(),
+                    got: got.to_string(),
+                });
+            }
+            if let Some(expected) = announced
+                && expected != got_size
+            {
+                return Err(TrackerError::SizeMismatch {
+                    digest: digest.to_string(),
+                    expected,
+                    got: got_size,
+                });
+            }
+            file.sync_all().await?;
+            drop(file);
+            let torrent = match builder {
+                Some(b) => b.finish().map_err(|e| TrackerError::Seed(e.to_string()))?,
+                // Upstream sent no length: hash the pieces from the verified file instead.
+                None => self.verify_local(digest, &tmp).await?,
+            };
+            tokio::fs::rename(&tmp, self.store.blob_path(digest)).await?;
+            Ok(torrent)
+        }
+        .await;
+        match &result {
+            Ok(t) => tracing::info!(
+                size = t.size(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "fetched and verified blob from upstream"
+            ),
+            Err(e) => {
+                tracing::warn!("upstream fetch failed: {e}");
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+        }
+        result
+    }
+
+    /// Seeds a verified blob and records it, evicting what no longer fits.
+    async fn hold(&self, torrent: BlobTorrent) -> Result<Arc<BlobTorrent>, TrackerError> {
+        let torrent = Arc::new(torrent);
+        self.seeder.add(&torrent, self.store.blob_dir()).await?;
+        for victim in self.store.insert(torrent.clone()) {
+            tracing::info!(digest = %victim.digest(), size = victim.size(), "evicting blob");
+            self.seeder.remove(victim.info_hash()).await;
+            if let Err(e) = tokio::fs::remove_file(self.store.blob_path(victim.digest())).await {
+                tracing::warn!(digest = %victim.digest(), "removing evicted blob: {e}");
+            }
+        }
+        Ok(torrent)
+    }
+}
+
+fn transport(registry: &Registry, e: reqwest::Error) -> bay_common::upstream::UpstreamError {
+    bay_common::upstream::UpstreamError::Transport {
+        url: registry.base_url(),
+        source: e,
+    }
+}

@@ -1,0 +1,110 @@
+//! bay-tracker: fetches blobs from allowlisted upstream registries once, verifies them, seeds
+//! them as deterministic torrents, and runs the announce endpoint proxies swarm through.
+
+pub mod access;
+pub mod announce;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod routes;
+pub mod seeder;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bay_common::upstream::{UpstreamClient, UpstreamOptions};
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+pub use config::Config;
+
+/// Runs the tracker on an already bound listener until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = Arc::new(
+        store::Store::open(&config.data_dir, config.cache_size)
+            .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
+    );
+    let peer_listen = SocketAddr::new(config.listen.ip(), config.peer_port);
+    let seeder = Arc::new(
+        seeder::Seeder::start(peer_listen, store.blob_dir())
+            .await
+            .with_context(|| format!("starting the BitTorrent seed on {peer_listen}"))?,
+    );
+    let upstream = Arc::new(UpstreamClient::new(UpstreamOptions::default())?);
+    let blobs = Arc::new(fetch::Blobs::new(store.clone(), seeder.clone(), upstream));
+    let state = Arc::new(routes::AppState {
+        config: config.clone(),
+        blobs: blobs.clone(),
+        swarms: announce::Swarms::default(),
+        torrents_served: Default::default(),
+    });
+    tracing::info!(
+        http = %listener.local_addr()?,
+        peers = ?seeder.listen_addr(),
+        upstreams = ?config.upstreams.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        announce = %config.announce_url(),
+        "bay-tracker listening"
+    );
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tasks.spawn(reseed_leftovers(blobs, stop.clone()).instrument(tracing::info_span!("reseed")));
+    tasks
+        .spawn(expire_peers(state.clone(), stop.clone()).instrument(tracing::info_span!("expire")));
+
+    let app = routes::app(state).into_make_service_with_connect_info::<routes::Conn>();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    seeder.stop().await;
+    result.context("serving HTTP")
+}
+
+/// Verifies and re-seeds what an earlier run left in the data dir, oldest first, so the
+/// least-recently-used order survives a restart.
+async fn reseed_leftovers(blobs: Arc<fetch::Blobs>, stop: tokio_util::sync::CancellationToken) {
+    let leftovers = match blobs.store.leftovers() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("listing the blob dir: {e}");
+            return;
+        }
+    };
+    if leftovers.is_empty() {
+        return;
+    }
+    tracing::info!(
+        count = leftovers.len(),
+        "verifying blobs left by an earlier run"
+    );
+    for digest in leftovers {
+        if stop.is_cancelled() {
+            return;
+        }
+        match blobs.ensure(&digest, None).await {
+            Ok(t) => tracing::info!(digest = %digest, size = t.size(), "re-seeding blob"),
+            Err(e) => tracing::warn!(digest = %digest, "blob left on disk not re-seeded: {e}"),
+        }
+    }
+}
+
+async fn expire_peers(state: Arc<routes::AppState>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => state.swarms.expire(Instant::now()),
+        }
+    }
+}

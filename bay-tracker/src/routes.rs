@@ -1,0 +1,258 @@
+//! HTTP surface: torrents for proxies, the BitTorrent announce and scrape endpoints, health and
+//! stats. Handlers parse, call a service, and map errors; the work lives elsewhere.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bay_common::announce::{self, AnnounceRequest};
+use bay_common::api::{INFO_HASH_HEADER, TORRENT_CONTENT_TYPE, TrackerStats};
+use bay_common::upstream::Credentials;
+use bay_common::{Digest, RepositoryName};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::announce::Swarms;
+use crate::config::Config;
+use crate::error::TrackerError;
+use crate::fetch::{Blobs, Source};
+
+pub struct AppState {
+    pub config: Config,
+    pub blobs: Arc<Blobs>,
+    pub swarms: Swarms,
+    pub torrents_served: AtomicU64,
+}
+
+/// Both ends of a connection: the remote is the announcing peer, the local address is how that
+/// peer reaches us, and so our own seed.
+#[derive(Clone, Copy, Debug)]
+pub struct Conn {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Conn {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        let io: &TcpStream = stream.io();
+        Conn {
+            remote: *stream.remote_addr(),
+            local: io.local_addr().unwrap_or(*stream.remote_addr()),
+        }
+    }
+}
+
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/torrents/{*path}", get(torrent))
+        .route("/announce", get(announce))
+        .route("/scrape", get(scrape))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/stats", get(stats))
+        .fallback(not_found)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Splits `<registry>/<name...>/blobs/<digest>`; the name may itself contain `blobs`.
+fn split_torrent_path(path: &str) -> Result<(&str, &str, &str), TrackerError> {
+    let bad = || TrackerError::BadPath(path.chars().take(256).collect());
+    let (registry, rest) = path.split_once('/').ok_or_else(bad)?;
+    let (name, digest) = rest.rsplit_once("/blobs/").ok_or_else(bad)?;
+    if registry.is_empty() || name.is_empty() || digest.is_empty() {
+        return Err(bad());
+    }
+    Ok((registry, name, digest))
+}
+
+async fn torrent(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match torrent_inner(&state, &path, &headers).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn torrent_inner(
+    state: &Arc<AppState>,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ErrorResponse> {
+    let (registry, name, digest) = split_torrent_path(path)?;
+    let digest: Digest = digest.parse().map_err(TrackerError::from)?;
+    let name: RepositoryName = name.parse().map_err(TrackerError::from)?;
+    let registry = state
+        .config
+        .upstream(registry)
+        .ok_or_else(|| TrackerError::NotAllowed(registry.chars().take(256).collect()))?
+        .clone();
+    let span = tracing::info_span!("torrent", digest = %digest, repo = %name, registry = %registry);
+    let source = Source {
+        registry,
+        name,
+        creds: Credentials::from_client(headers.get(header::AUTHORIZATION)),
+    };
+    let torrent = state
+        .blobs
+        .torrent_for(source, &digest)
+        .instrument(span)
+        .await
+        .map_err(ErrorResponse::Shared)?;
+    state.torrents_served.fetch_add(1, Ordering::Relaxed);
+    let body = torrent.to_metainfo(&[state.config.announce_url()]);
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(TORRENT_CONTENT_TYPE),
+            ),
+            (
+                header::HeaderName::from_static(INFO_HASH_HEADER),
+                HeaderValue::from_str(&torrent.info_hash().to_hex()).expect("hex is ascii"),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// An error either owned or shared by every waiter of a flight.
+enum ErrorResponse {
+    Own(TrackerError),
+    Shared(Arc<TrackerError>),
+}
+
+impl From<TrackerError> for ErrorResponse {
+    fn from(e: TrackerError) -> Self {
+        ErrorResponse::Own(e)
+    }
+}
+
+impl IntoResponse for ErrorResponse {
+    fn into_response(self) -> Response {
+        match self {
+            ErrorResponse::Own(e) => e.into_response(),
+            ErrorResponse::Shared(e) => e.render(),
+        }
+    }
+}
+
+fn bencoded(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// The address a peer at `remote` is reachable on: v4-mapped v6 addresses become v4.
+fn peer_addr(remote: SocketAddr, port: u16) -> SocketAddr {
+    let ip = match remote.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    SocketAddr::new(ip, port)
+}
+
+async fn announce(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let req = match AnnounceRequest::parse(query.as_deref().unwrap_or("")) {
+        Ok(r) => r,
+        Err(e) => return bencoded(announce::failure(&e.to_string())),
+    };
+    let held = state.blobs.store.holds(&req.info_hash);
+    let own_seed = held.then(|| {
+        let ip = state
+            .config
+            .peer_ip
+            .or_else(|| {
+                (!state.config.listen.ip().is_unspecified()).then(|| state.config.listen.ip())
+            })
+            .unwrap_or(conn.local.ip());
+        peer_addr(SocketAddr::new(ip, 0), state.config.peer_port)
+    });
+    let peer = peer_addr(conn.remote, req.port);
+    match state.swarms.announce(&req, peer, own_seed, Instant::now()) {
+        Ok(resp) => bencoded(resp.encode(req.compact)),
+        Err(e) => bencoded(announce::failure(&e.to_string())),
+    }
+}
+
+async fn scrape(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    match announce::parse_scrape(query.as_deref().unwrap_or("")) {
+        Ok(hashes) => {
+            let entries = state.swarms.scrape(&hashes, |h| state.blobs.store.holds(h));
+            bencoded(announce::encode_scrape(&entries))
+        }
+        Err(e) => bencoded(announce::failure(&e.to_string())),
+    }
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Response {
+    let (blobs_held, bytes_held) = state.blobs.store.usage();
+    let (swarms, peers) = state.swarms.usage();
+    let f = &state.blobs.stats;
+    axum::Json(TrackerStats {
+        blobs_held,
+        bytes_held,
+        upstream_fetches: f.upstream_fetches.load(Ordering::Relaxed),
+        upstream_bytes: f.upstream_bytes.load(Ordering::Relaxed),
+        torrents_served: state.torrents_served.load(Ordering::Relaxed),
+        swarms,
+        peers,
+        seed_uploaded_bytes: state.blobs.seeder.uploaded_bytes(),
+    })
+    .into_response()
+}
+
+async fn not_found() -> Response {
+    let body = bay_common::api::ErrorBody::new(
+        bay_common::api::ErrorCode::NameUnknown,
+        "no such endpoint",
+        serde_json::Value::Null,
+    );
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_json(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torrent_paths() {
+        let d = "sha256:".to_string() + &"a".repeat(64);
+        let p = format!("127.0.0.2:5000/library/alpine/blobs/{d}");
+        assert_eq!(
+            split_torrent_path(&p).unwrap(),
+            ("127.0.0.2:5000", "library/alpine", d.as_str())
+        );
+        let p = format!("r/a/blobs/b/blobs/{d}");
+        assert_eq!(split_torrent_path(&p).unwrap().1, "a/blobs/b");
+        for bad in ["", "r", "r/name", "r/blobs/x", "/a/blobs/x", "r/a/blobs/"] {
+            assert!(split_torrent_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn v4_mapped_peers() {
+        let a: SocketAddr = "[::ffff:127.0.0.5]:1".parse().unwrap();
+        assert_eq!(peer_addr(a, 7), "127.0.0.5:7".parse().unwrap());
+    }
+}

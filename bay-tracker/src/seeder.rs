@@ -1,0 +1,113 @@
+//! The tracker's librqbit session: seeds every held blob on the peer port.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bay_common::announce::InfoHash;
+use bay_common::torrent::BlobTorrent;
+use librqbit::api::TorrentIdOrHash;
+use librqbit::dht::Id20;
+use librqbit::{
+    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions,
+};
+
+use crate::error::TrackerError;
+
+/// Longest we wait for librqbit to re-check a blob's pieces when it starts seeding it.
+const INIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub struct Seeder {
+    session: Arc<Session>,
+}
+
+impl Seeder {
+    /// Starts a session listening on `listen` with DHT, local discovery, UPnP and persistence
+    /// off: the tracker hands out its own seed, so the session announces to no tracker either.
+    pub async fn start(listen: SocketAddr, blob_dir: &Path) -> anyhow::Result<Self> {
+        let opts = SessionOptions {
+            dht: None,
+            persistence: None,
+            fastresume: false,
+            disable_trackers: true,
+            disable_local_service_discovery: true,
+            listen: Some(ListenerOptions {
+                mode: ListenerMode::TcpOnly,
+                listen_addr: listen,
+                enable_upnp_port_forwarding: false,
+                // Set explicitly: librqbit otherwise reports 4240 for loopback listeners.
+                announce_port: Some(listen.port()),
+                ipv4_only: listen.is_ipv4(),
+                ..Default::default()
+            }),
+            ipv4_only: listen.is_ipv4(),
+            // Each upload chunk read takes a permit of this semaphore; the default of 8
+            // starves a seed serving many peers (notes/librqbit.md §7).
+            runtime_worker_threads: Some(512),
+            peer_limit: Some(512),
+            ..Default::default()
+        };
+        let session = Session::new_with_opts(blob_dir.to_path_buf(), opts).await?;
+        Ok(Self { session })
+    }
+
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.session.listen_addr()
+    }
+
+    /// Seeds a verified blob that sits at `blob_dir/<torrent file name>`. librqbit re-hashes
+    /// the pieces before it seeds (it has no way to be told the data is good).
+    pub async fn add(&self, torrent: &BlobTorrent, blob_dir: &Path) -> Result<(), TrackerError> {
+        let bytes = torrent.to_metainfo(&[]);
+        let seed_err = |e: String| TrackerError::Seed(format!("{}: {e}", torrent.digest()));
+        let resp = self
+            .session
+            .add_torrent(
+                AddTorrent::from_bytes(bytes),
+                Some(AddTorrentOptions {
+                    overwrite: true,
+                    output_folder: Some(blob_dir.to_string_lossy().into_owned()),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(|e| seed_err(format!("{e:#}")))?;
+        let handle = resp
+            .into_handle()
+            .ok_or_else(|| seed_err("librqbit listed the torrent only".into()))?;
+        tokio::time::timeout(INIT_TIMEOUT, handle.wait_until_initialized())
+            .await
+            .map_err(|_| seed_err("piece check timed out".into()))?
+            .map_err(|e| seed_err(format!("{e:#}")))?;
+        let stats = handle.stats();
+        if !stats.finished {
+            self.remove(torrent.info_hash()).await;
+            return Err(seed_err(format!(
+                "only {} of {} bytes passed the piece check",
+                stats.progress_bytes, stats.total_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops seeding; the caller removes the file.
+    pub async fn remove(&self, info_hash: InfoHash) {
+        let id = TorrentIdOrHash::Hash(Id20::new(info_hash.0));
+        if let Err(e) = self.session.delete(id, false).await {
+            tracing::debug!(info_hash = %info_hash.to_hex(), "removing torrent: {e:#}");
+        }
+    }
+
+    /// Bytes the seed has uploaded, summed over the torrents it holds now.
+    pub fn uploaded_bytes(&self) -> u64 {
+        self.session.with_torrents(|it| {
+            it.map(|(_, h)| h.stats().uploaded_bytes)
+                .fold(0u64, |a, b| a.saturating_add(b))
+        })
+    }
+
+    pub async fn stop(&self) {
+        self.session.stop().await;
+    }
+}

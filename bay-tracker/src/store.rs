@@ -1,0 +1,207 @@
+//! The data dir: verified blobs in `blobs/`, partial downloads in `tmp/`, and which blobs to
+//! evict when the cache is over its size.
+//!
+//! A blob appears in `blobs/` only by a rename after its digest matched, so anything there is
+//! complete; `tmp/` is emptied at start because nothing in it was ever verified.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bay_common::Digest;
+use bay_common::announce::InfoHash;
+use bay_common::torrent::BlobTorrent;
+
+pub struct Store {
+    blob_dir: PathBuf,
+    tmp_dir: PathBuf,
+    capacity: u64,
+    index: Mutex<Index>,
+}
+
+#[derive(Default)]
+struct Index {
+    blobs: HashMap<Digest, Entry>,
+    by_info_hash: HashMap<InfoHash, Digest>,
+    bytes: u64,
+    /// Logical clock for least-recently-requested order.
+    clock: u64,
+}
+
+struct Entry {
+    torrent: Arc<BlobTorrent>,
+    last_used: u64,
+}
+
+impl Store {
+    /// Opens (creating) the data dir and discards partial downloads left by an earlier run.
+    pub fn open(root: &Path, capacity: u64) -> io::Result<Self> {
+        let blob_dir = root.join("blobs");
+        let tmp_dir = root.join("tmp");
+        fs::create_dir_all(&blob_dir)?;
+        if tmp_dir.exists() {
+            fs::remove_dir_all(&tmp_dir)?;
+        }
+        fs::create_dir_all(&tmp_dir)?;
+        Ok(Self {
+            blob_dir,
+            tmp_dir,
+            capacity,
+            index: Mutex::new(Index::default()),
+        })
+    }
+
+    pub fn blob_dir(&self) -> &Path {
+        &self.blob_dir
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blob_dir.join(digest.file_name())
+    }
+
+    /// A fresh path in `tmp/` for a download.
+    pub fn temp_path(&self) -> PathBuf {
+        self.tmp_dir
+            .join(format!("{:016x}.part", rand::random::<u64>()))
+    }
+
+    /// Blobs an earlier run left in `blobs/`, oldest first, still to be verified. Files whose
+    /// names are not digests are not ours to serve and are removed.
+    pub fn leftovers(&self) -> io::Result<Vec<Digest>> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&self.blob_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            match name.to_str().map(Digest::from_file_name) {
+                Some(Ok(d)) if entry.file_type()?.is_file() => {
+                    let mtime = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    found.push((mtime, d));
+                }
+                _ => {
+                    tracing::warn!(path = %entry.path().display(), "removing stray file from the blob dir");
+                    let _ =
+                        fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
+                }
+            }
+        }
+        found.sort();
+        Ok(found.into_iter().map(|(_, d)| d).collect())
+    }
+
+    /// The torrent of a held blob, marking it recently used.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<BlobTorrent>> {
+        let mut ix = self.index.lock().expect("store index poisoned");
+        ix.clock += 1;
+        let now = ix.clock;
+        let e = ix.blobs.get_mut(digest)?;
+        e.last_used = now;
+        Some(e.torrent.clone())
+    }
+
+    pub fn holds(&self, info_hash: &InfoHash) -> bool {
+        let ix = self.index.lock().expect("store index poisoned");
+        ix.by_info_hash.contains_key(info_hash)
+    }
+
+    /// Records a verified, seeded blob and returns the blobs to evict to get back under the
+    /// capacity, least recently used first (never the one just added).
+    pub fn insert(&self, torrent: Arc<BlobTorrent>) -> Vec<Arc<BlobTorrent>> {
+        let mut ix = self.index.lock().expect("store index poisoned");
+        ix.clock += 1;
+        let now = ix.clock;
+        let digest = torrent.digest().clone();
+        ix.by_info_hash.insert(torrent.info_hash(), digest.clone());
+        let size = torrent.size();
+        if ix
+            .blobs
+            .insert(
+                digest.clone(),
+                Entry {
+                    torrent,
+                    last_used: now,
+                },
+            )
+            .is_none()
+        {
+            ix.bytes += size;
+        }
+        let mut victims = Vec::new();
+        while ix.bytes > self.capacity {
+            let Some(oldest) = ix
+                .blobs
+                .iter()
+                .filter(|(d, _)| **d != digest)
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(d, _)| d.clone())
+            else {
+                break;
+            };
+            if let Some(e) = ix.blobs.remove(&oldest) {
+                ix.bytes -= e.torrent.size();
+                ix.by_info_hash.remove(&e.torrent.info_hash());
+                victims.push(e.torrent);
+            }
+        }
+        victims
+    }
+
+    /// (blobs, bytes) held.
+    pub fn usage(&self) -> (u64, u64) {
+        let ix = self.index.lock().expect("store index poisoned");
+        (ix.blobs.len() as u64, ix.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn torrent(n: usize) -> Arc<BlobTorrent> {
+        let data = vec![n as u8; 1000 + n];
+        Arc::new(BlobTorrent::from_bytes(Digest::sha256_of(&data), &data).unwrap())
+    }
+
+    #[test]
+    fn evicts_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 2500).unwrap();
+        let (a, b, c) = (torrent(0), torrent(1), torrent(2));
+        assert!(store.insert(a.clone()).is_empty());
+        assert!(store.insert(b.clone()).is_empty());
+        assert!(store.get(a.digest()).is_some()); // a is now newer than b
+        let victims = store.insert(c.clone());
+        assert_eq!(victims, vec![b.clone()]);
+        assert!(store.get(b.digest()).is_none());
+        assert!(store.holds(&a.info_hash()) && !store.holds(&b.info_hash()));
+        assert_eq!(store.usage(), (2, 1000 + 1002));
+    }
+
+    #[test]
+    fn oversized_blob_is_kept_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 10).unwrap();
+        let a = torrent(0);
+        assert!(store.insert(a.clone()).is_empty());
+        assert_eq!(store.insert(torrent(1)), vec![a]);
+    }
+
+    #[test]
+    fn open_discards_partials_and_strays() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        fs::write(dir.path().join("tmp/x.part"), b"partial").unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        let d = Digest::sha256_of(b"x");
+        fs::write(store.blob_path(&d), b"x").unwrap();
+        fs::write(store.blob_dir().join("not-a-digest"), b"?").unwrap();
+        assert_eq!(store.leftovers().unwrap(), vec![d]);
+        assert!(!store.blob_dir().join("not-a-digest").exists());
+    }
+}

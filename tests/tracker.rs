@@ -1,0 +1,342 @@
+//! bay-tracker against a real docker-registry: fetch once, verify, seed, hand out torrents, and
+//! refuse what it must refuse.
+
+use std::time::Duration;
+
+use bay_common::torrent::BlobTorrent;
+use bay_tests::{
+    Image, Registry, RegistryOptions, Tracker, aria2_download, http_client, sha256_file,
+};
+use reqwest::StatusCode;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn torrent_url(tracker: &Tracker, registry: &Registry, repo: &str, digest: &str) -> String {
+    format!(
+        "{}/v1/torrents/{}/{repo}/blobs/{digest}",
+        tracker.url(),
+        registry.authority()
+    )
+}
+
+async fn setup(layers: &[u64], extra: &[&str]) -> (Registry, Image, Tracker) {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let image = Image::generate(layers, 7).unwrap();
+    image.push(&registry, "test/img:1", None).await.unwrap();
+    let tracker = Tracker::start(&[registry.url()], extra).await.unwrap();
+    (registry, image, tracker)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tracker_fetches_verifies_and_seeds_to_a_standard_client() {
+    let (registry, image, tracker) = setup(&[3 << 20, 1 << 20, 300_000], &[]).await;
+    let layer = &image.layers[0];
+    let resp = http_client()
+        .get(torrent_url(&tracker, &registry, "test/img", &layer.digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{}", tracker.log_text());
+    assert_eq!(
+        resp.headers()["content-type"],
+        bay_common::api::TORRENT_CONTENT_TYPE
+    );
+    let bytes = resp.bytes().await.unwrap();
+    let torrent = BlobTorrent::from_metainfo(&bytes).unwrap();
+    assert_eq!(torrent.digest().to_string(), layer.digest);
+    assert_eq!(torrent.size(), layer.size);
+    // Determinism: the torrent we compute from the pushed bytes has the same info hash.
+    let local = BlobTorrent::from_bytes(
+        layer.digest.parse().unwrap(),
+        &image.blob_bytes(&layer.digest).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(local.info_hash(), torrent.info_hash());
+    assert!(
+        tracker
+            .data_dir()
+            .join("blobs")
+            .join(torrent.file_name())
+            .exists()
+    );
+
+    // aria2c, a standard client, downloads it from the tracker's seed via its announce.
+    let out = tempfile::tempdir().unwrap();
+    let path = aria2_download(&bytes, torrent.file_name(), out.path(), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(sha256_file(&path).unwrap(), layer.digest);
+    assert_eq!(registry.blob_gets(&layer.digest), 1);
+    assert_eq!(registry.blob_gets(&image.layers[1].digest), 0);
+
+    // The announce endpoint now knows the torrent; scrape reports the seed.
+    let stats: serde_json::Value = http_client()
+        .get(format!("{}/v1/stats", tracker.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["blobs_held"], 1);
+    assert_eq!(stats["upstream_fetches"], 1);
+    assert!(
+        stats["seed_uploaded_bytes"].as_u64().unwrap() >= layer.size,
+        "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_cause_one_upstream_get() {
+    let (registry, image, tracker) = setup(&[16 << 20, 4 << 20, 2 << 20], &[]).await;
+    let client = http_client();
+    let one = &image.layers[0].digest;
+    let mut requests = Vec::new();
+    for _ in 0..16 {
+        requests.push(
+            client
+                .get(torrent_url(&tracker, &registry, "test/img", one))
+                .send(),
+        );
+    }
+    // Different blobs go in parallel with the same burst.
+    for l in &image.layers[1..] {
+        requests.push(
+            client
+                .get(torrent_url(&tracker, &registry, "test/img", &l.digest))
+                .send(),
+        );
+    }
+    let responses = futures::future::join_all(requests).await;
+    let mut hashes = std::collections::HashSet::new();
+    for (i, r) in responses.into_iter().enumerate() {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        if i < 16 {
+            hashes.insert(r.bytes().await.unwrap());
+        }
+    }
+    assert_eq!(hashes.len(), 1, "every caller gets the same torrent");
+    assert_eq!(registry.blob_gets(one), 1, "single flight");
+    for l in &image.layers[1..] {
+        assert_eq!(registry.blob_gets(&l.digest), 1);
+    }
+}
+
+/// GET with the path exactly as given; returns (status, body).
+async fn raw_get(tracker: &Tracker, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect((tracker.ip(), tracker.port()))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_registry_errors() {
+    let (registry, image, tracker) = setup(&[100_000], &[]).await;
+    let client = http_client();
+    let layer = &image.layers[0].digest;
+    let json = |r: reqwest::Response| async move {
+        let status = r.status();
+        assert_eq!(r.headers()["content-type"], "application/json");
+        (status, r.json::<serde_json::Value>().await.unwrap())
+    };
+
+    let r = client
+        .get(format!(
+            "{}/v1/torrents/evil.example:5000/test/img/blobs/{layer}",
+            tracker.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["errors"][0]["code"], "DENIED");
+    assert_eq!(body["errors"][0]["detail"]["registry"], "evil.example:5000");
+
+    for (digest, code) in [
+        ("sha256:1234", "DIGEST_INVALID"),
+        ("md5:abcd", "DIGEST_INVALID"),
+        (&format!("sha256:{}", "A".repeat(64)), "DIGEST_INVALID"),
+    ] {
+        let r = client
+            .get(torrent_url(&tracker, &registry, "test/img", digest))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = json(r).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{digest}");
+        assert_eq!(body["errors"][0]["code"], code, "{digest}");
+    }
+    // Sent raw: an HTTP client library would resolve the dot segments before sending.
+    for name in [
+        "Test/img",
+        "test/%2e%2e/img",
+        "test//img",
+        "test/..",
+        "/etc/passwd",
+        "a%00b",
+    ] {
+        let path = format!("/v1/torrents/{}/{name}/blobs/{layer}", registry.authority());
+        let (status, body) = raw_get(&tracker, &path).await;
+        assert_eq!(status, 400, "{name}: {body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["errors"][0]["code"], "NAME_INVALID", "{name}");
+    }
+
+    // Unknown blob: upstream's 404 is passed back.
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let r = client
+        .get(torrent_url(&tracker, &registry, "test/img", &missing))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // Malformed announces get a bencoded failure, and the tracker keeps serving.
+    for q in [
+        "info_hash=abc&peer_id=12345678901234567890&port=1&uploaded=0&downloaded=0&left=0",
+        "info_hash=12345678901234567890&peer_id=12345678901234567890&uploaded=0&downloaded=0&left=0",
+        "info_hash=12345678901234567890&peer_id=12345678901234567890&port=0&uploaded=0&downloaded=0&left=0",
+        "info_hash=12345678901234567890&peer_id=12345678901234567890&port=1&uploaded=0&downloaded=0&left=-1",
+        "info_hash=12345678901234567890&peer_id=12345678901234567890&port=1&uploaded=0&downloaded=0&left=0&numwant=1e9",
+        "",
+    ] {
+        let r = client
+            .get(format!("{}/announce?{q}", tracker.url()))
+            .send()
+            .await
+            .unwrap();
+        let body = r.bytes().await.unwrap();
+        assert!(body.starts_with(b"d14:failure reason"), "{q}: {body:?}");
+    }
+    let ok = client
+        .get(format!("{}/healthz", tracker.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn basic_auth_upstream_challenge_is_passed_back() {
+    let registry = Registry::start(RegistryOptions {
+        htpasswd: Some(("alice".into(), "s3cret".into())),
+    })
+    .await
+    .unwrap();
+    let image = Image::generate(&[500_000], 3).unwrap();
+    image
+        .push(&registry, "private/img:1", Some(("alice", "s3cret")))
+        .await
+        .unwrap();
+    let tracker = Tracker::start(&[registry.url()], &[]).await.unwrap();
+    let client = http_client();
+    let url = torrent_url(&tracker, &registry, "private/img", &image.layers[0].digest);
+
+    let anon = client.get(&url).send().await.unwrap();
+    assert_eq!(anon.status(), StatusCode::UNAUTHORIZED);
+    let challenge = anon.headers()["www-authenticate"].to_str().unwrap();
+    assert!(challenge.starts_with("Basic"), "{challenge}");
+
+    let wrong = client
+        .get(&url)
+        .basic_auth("alice", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+
+    let ok = client
+        .get(&url)
+        .basic_auth("alice", Some("s3cret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+
+    // Held now, but still not handed to a caller upstream refuses.
+    let anon = client.get(&url).send().await.unwrap();
+    assert_eq!(anon.status(), StatusCode::UNAUTHORIZED);
+    assert!(!tracker.log_text().contains("s3cret"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_reseeds_verified_blobs_and_drops_bad_ones() {
+    let (registry, image, mut tracker) = setup(&[2 << 20, 1 << 20], &[]).await;
+    let client = http_client();
+    let (a, b) = (&image.layers[0], &image.layers[1]);
+    for l in [a, b] {
+        let r = client
+            .get(torrent_url(&tracker, &registry, "test/img", &l.digest))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    tracker.kill();
+    let blobs = tracker.data_dir().join("blobs");
+    // Tamper with b on disk and leave a partial download behind.
+    let b_path = blobs.join(b.digest.replace(':', "-"));
+    let mut data = std::fs::read(&b_path).unwrap();
+    data[1000] ^= 0xff;
+    std::fs::write(&b_path, data).unwrap();
+    std::fs::write(tracker.data_dir().join("tmp/leftover.part"), b"partial").unwrap();
+    tracker.restart().await.unwrap();
+
+    for l in [a, b] {
+        let r = client
+            .get(torrent_url(&tracker, &registry, "test/img", &l.digest))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        registry.blob_gets(&a.digest),
+        1,
+        "a was re-seeded from disk"
+    );
+    assert_eq!(
+        registry.blob_gets(&b.digest),
+        2,
+        "tampered b was fetched again"
+    );
+    assert_eq!(sha256_file(&b_path).unwrap(), b.digest);
+    assert!(!tracker.data_dir().join("tmp/leftover.part").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_size_evicts_least_recently_requested() {
+    let (registry, image, tracker) =
+        setup(&[1 << 20, 1 << 20, 1 << 20], &["--cache-size", "2600K"]).await;
+    let client = http_client();
+    let get = |d: &str| {
+        client
+            .get(torrent_url(&tracker, &registry, "test/img", d))
+            .send()
+    };
+    let [a, b, c] = [0, 1, 2].map(|i| image.layers[i].digest.clone());
+    assert_eq!(get(&a).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(get(&b).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(get(&a).await.unwrap().status(), StatusCode::OK); // a is now the newer
+    assert_eq!(get(&c).await.unwrap().status(), StatusCode::OK);
+    let blobs = tracker.data_dir().join("blobs");
+    let on_disk = |d: &str| blobs.join(d.replace(':', "-")).exists();
+    assert!(on_disk(&a) && on_disk(&c));
+    assert!(!on_disk(&b), "b was least recently requested");
+    assert_eq!(get(&b).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(registry.blob_gets(&b), 2);
+}
