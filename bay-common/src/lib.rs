@@ -4,7 +4,9 @@
 pub mod announce;
 pub mod api;
 pub mod digest;
+pub mod flags;
 pub mod reference;
+pub mod store;
 pub mod torrent;
 pub mod upstream;
 

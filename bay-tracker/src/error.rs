@@ -85,34 +85,9 @@ impl TrackerError {
     /// The HTTP answer; by reference because one error may answer every waiter of a flight.
     pub fn render(&self) -> Response {
         if let TrackerError::Refused(r) = self {
-            // Relay upstream's own answer (and challenge) so the caller can authenticate. A
-            // refusal to a HEAD has no body; give the caller a registry error instead.
-            let mut resp = if r.body.is_empty() {
-                let code = match r.status.as_u16() {
-                    401 => ErrorCode::Unauthorized,
-                    403 => ErrorCode::Denied,
-                    429 => ErrorCode::Toomanyrequests,
-                    _ => ErrorCode::BlobUnknown,
-                };
-                let body =
-                    ErrorBody::new(code, format!("upstream answered {}", r.status), Value::Null);
-                let mut resp = (r.status, body.to_json()).into_response();
-                resp.headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                resp
-            } else {
-                (r.status, r.body.clone()).into_response()
-            };
-            for name in r.headers.keys() {
-                if r.body.is_empty() && name == CONTENT_TYPE {
-                    continue;
-                }
-                resp.headers_mut().remove(name);
-                for v in r.headers.get_all(name) {
-                    resp.headers_mut().append(name.clone(), v.clone());
-                }
-            }
-            return resp;
+            // Upstream's own answer, challenge included, so the caller can authenticate.
+            let (status, headers, body) = r.to_parts();
+            return (status, headers, body).into_response();
         }
         let detail = match self {
             TrackerError::NotAllowed(r) => json!({ "registry": r }),

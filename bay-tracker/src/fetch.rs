@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::access::AccessCache;
 use crate::error::TrackerError;
 use crate::seeder::Seeder;
-use crate::store::Store;
+use bay_common::store::Store;
 
 type FlightResult = Result<Arc<BlobTorrent>, Arc<TrackerError>>;
 type Flight = Shared<BoxFuture<'static, FlightResult>>;

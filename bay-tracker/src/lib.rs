@@ -8,7 +8,6 @@ pub mod error;
 pub mod fetch;
 pub mod routes;
 pub mod seeder;
-pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,7 +28,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let store = Arc::new(
-        store::Store::open(&config.data_dir, config.cache_size)
+        bay_common::store::Store::open(&config.data_dir, config.cache_size)
             .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
     );
     let peer_listen = SocketAddr::new(config.listen.ip(), config.peer_port);

@@ -16,6 +16,7 @@ use reqwest::{Method, StatusCode};
 pub use auth::{Challenge, Credentials};
 use auth::{TokenCache, TokenResponse};
 
+use crate::api::{ErrorBody, ErrorCode};
 use crate::digest::Digest;
 use crate::reference::{Registry, RepositoryName};
 
@@ -48,6 +49,33 @@ pub struct Refusal {
     /// The headers worth relaying: WWW-Authenticate, Content-Type, Retry-After, Docker-*.
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+impl Refusal {
+    /// What to send the caller: upstream's status, relayed headers and body. A refusal to a
+    /// HEAD has no body, so it gets a registry-style error body instead.
+    pub fn to_parts(&self) -> (StatusCode, HeaderMap, Bytes) {
+        let mut headers = self.headers.clone();
+        if !self.body.is_empty() {
+            return (self.status, headers, self.body.clone());
+        }
+        let code = match self.status.as_u16() {
+            401 => ErrorCode::Unauthorized,
+            403 => ErrorCode::Denied,
+            429 => ErrorCode::Toomanyrequests,
+            _ => ErrorCode::BlobUnknown,
+        };
+        let body = ErrorBody::new(
+            code,
+            format!("upstream answered {}", self.status),
+            serde_json::Value::Null,
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        (self.status, headers, Bytes::from(body.to_json()))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use bay_common::Digest;
-use bay_common::announce::InfoHash;
-use bay_common::torrent::BlobTorrent;
+use crate::Digest;
+use crate::announce::InfoHash;
+use crate::torrent::BlobTorrent;
 
 pub struct Store {
     blob_dir: PathBuf,
@@ -60,6 +60,10 @@ impl Store {
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.blob_dir.join(digest.file_name())
+    }
+
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp_dir
     }
 
     /// A fresh path in `tmp/` for a download.
