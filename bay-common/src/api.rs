@@ -84,6 +84,16 @@ impl ErrorBody {
     }
 }
 
+/// `GET /v1/slots/<info hash hex>?port=<peer port>` on the tracker: the part of a blob this
+/// leecher should fetch first, as fractions of its size. Leechers that start together then
+/// want different pieces instead of walking the blob in lockstep.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Slot {
+    pub index: u32,
+    pub start: f64,
+    pub end: f64,
+}
+
 /// `GET /v1/stats` on the tracker.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrackerStats {
@@ -95,6 +105,21 @@ pub struct TrackerStats {
     pub swarms: u64,
     pub peers: u64,
     pub seed_uploaded_bytes: u64,
+}
+
+/// `GET /_bay/stats` on a proxy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProxyStats {
+    pub blobs_served: u64,
+    pub cache_hits: u64,
+    pub swarm_downloads: u64,
+    /// Blobs (or their remainders) streamed from upstream because the swarm could not serve.
+    pub fallbacks: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_from_trackers: u64,
+    pub bytes_from_upstream: u64,
+    pub blobs_held: u64,
+    pub bytes_held: u64,
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! What bay-tracker and bay-proxy share: validated names and digests, deterministic torrents,
 //! the tracker's wire types and HTTP API, and the upstream registry client.
 
+pub mod access;
 pub mod announce;
 pub mod api;
 pub mod digest;

@@ -162,6 +162,53 @@ impl Store {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{path} is empty")]
+    Empty { path: String },
+    #[error("{path} hashes to {got}, not {want}")]
+    Mismatch {
+        path: String,
+        want: Digest,
+        got: Digest,
+    },
+}
+
+/// Hashes a file completely: checks it has `digest` and builds its torrent in the same pass.
+pub async fn verify_file(path: &Path, digest: &Digest) -> Result<BlobTorrent, VerifyError> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await?;
+    let size = file.metadata().await?.len();
+    let mut verifier = digest.verifier();
+    let mut builder = crate::torrent::TorrentBuilder::new(digest.clone(), size).map_err(|_| {
+        VerifyError::Empty {
+            path: path.display().to_string(),
+        }
+    })?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        verifier.update(&buf[..n]);
+        builder.update(&buf[..n]);
+    }
+    let got = verifier.finish();
+    if &got != digest {
+        return Err(VerifyError::Mismatch {
+            path: path.display().to_string(),
+            want: digest.clone(),
+            got,
+        });
+    }
+    builder
+        .finish()
+        .map_err(|e| VerifyError::Io(io::Error::other(e.to_string())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +240,21 @@ mod tests {
         let a = torrent(0);
         assert!(store.insert(a.clone()).is_empty());
         assert_eq!(store.insert(torrent(1)), vec![a]);
+    }
+
+    #[tokio::test]
+    async fn verify_file_checks_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b");
+        fs::write(&p, vec![5u8; 300_000]).unwrap();
+        let d = Digest::sha256_of(&[5u8; 300_000]);
+        let t = verify_file(&p, &d).await.unwrap();
+        assert_eq!(t.size(), 300_000);
+        let other = Digest::sha256_of(b"other");
+        assert!(matches!(
+            verify_file(&p, &other).await,
+            Err(VerifyError::Mismatch { .. })
+        ));
     }
 
     #[test]

@@ -1,1 +1,83 @@
-//! The proxy lands with its own issue.
+//! bay-proxy: a registry proxy for one machine whose blob GETs come from the BitTorrent swarm
+//! of bay-trackers and other proxies, and everything else straight from upstream.
+
+pub mod blob;
+pub mod config;
+pub mod error;
+pub mod passthrough;
+pub mod range;
+pub mod route;
+pub mod routes;
+pub mod swarm;
+pub mod trackers;
+pub mod wake;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bay_common::store::Store;
+use bay_common::upstream::{UpstreamClient, UpstreamOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use config::Config;
+
+/// Runs the proxy on an already bound listener until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let store = Arc::new(
+        Store::open(&config.data_dir, config.cache_size)
+            .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
+    );
+    let trackers = Arc::new(trackers::Trackers::new(config.trackers.clone())?);
+    let swarm = Arc::new(
+        swarm::Swarm::start(
+            config.peer_port,
+            store.tmp_dir(),
+            trackers.announce_urls(),
+            config.upload_limit,
+        )
+        .await
+        .with_context(|| format!("starting BitTorrent on port {}", config.peer_port))?,
+    );
+    let upstream = Arc::new(UpstreamClient::new(UpstreamOptions::default())?);
+    let stop = CancellationToken::new();
+    let blobs = Arc::new(blob::Blobs::new(
+        store,
+        swarm.clone(),
+        trackers,
+        upstream,
+        config.stall_timeout(),
+        stop.clone(),
+    ));
+    let state = Arc::new(routes::AppState {
+        config: config.clone(),
+        blobs: blobs.clone(),
+        passthrough: passthrough::Passthrough::new()?,
+    });
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        peer_port = config.peer_port,
+        trackers = ?config.trackers.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+        upstreams = ?config.upstreams.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        "bay-proxy listening"
+    );
+    let reseed = tokio::spawn(
+        blobs
+            .reseed_leftovers()
+            .instrument(tracing::info_span!("reseed")),
+    );
+    let result = axum::serve(listener, routes::app(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    stop.cancel();
+    reseed.abort();
+    swarm.stop().await;
+    result.context("serving HTTP")
+}

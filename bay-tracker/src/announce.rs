@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bay_common::announce::{
     AnnounceRequest, AnnounceResponse, Event, InfoHash, PeerId, ScrapeEntry,
 };
+use bay_common::api::Slot;
 use rand::seq::SliceRandom;
 
 pub const LEECHER_INTERVAL: Duration = Duration::from_secs(1);
@@ -196,6 +197,78 @@ impl Swarms {
     }
 }
 
+/// Hands each leecher of a torrent a distinct slice to prioritise (the "B" of
+/// `notes/librqbit-workaround.md`: distinct slices are needed, random ones swarm badly).
+/// Leechers get indices in arrival order; index i starts at the van der Corput point of i
+/// (0, ½, ¼, ¾, ⅛, …), so slices stay balanced however many arrive, and each slice ends where
+/// the next live leecher's begins. Leechers ask again every second; those that stop asking
+/// free their index.
+#[derive(Default)]
+pub struct Slots {
+    inner: Mutex<HashMap<InfoHash, SlotTable>>,
+}
+
+/// Slot index and expiry per leecher of one torrent.
+type SlotTable = HashMap<SocketAddr, (u32, Instant)>;
+
+const SLOT_TTL: Duration = Duration::from_secs(10);
+
+/// The i-th point of the base-2 van der Corput sequence.
+fn corput(i: u32) -> f64 {
+    i.reverse_bits() as f64 / (1u64 << 32) as f64
+}
+
+impl Slots {
+    pub fn slot(
+        &self,
+        info_hash: InfoHash,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Result<Slot, SwarmError> {
+        let mut all = self.inner.lock().expect("slots poisoned");
+        if !all.contains_key(&info_hash) && all.len() >= MAX_SWARMS {
+            return Err(SwarmError::TooManySwarms);
+        }
+        let table = all.entry(info_hash).or_default();
+        table.retain(|_, (_, exp)| *exp > now);
+        let index = match table.get(&peer) {
+            Some((i, _)) => *i,
+            None => {
+                if table.len() >= MAX_PEERS_PER_SWARM {
+                    return Err(SwarmError::SwarmFull);
+                }
+                let mut used: Vec<u32> = table.values().map(|(i, _)| *i).collect();
+                used.sort_unstable();
+                let mut free = 0;
+                for u in used {
+                    if u == free {
+                        free += 1;
+                    } else if u > free {
+                        break;
+                    }
+                }
+                free
+            }
+        };
+        table.insert(peer, (index, now + SLOT_TTL));
+        let start = corput(index);
+        let end = table
+            .values()
+            .map(|(i, _)| corput(*i))
+            .filter(|p| *p > start)
+            .fold(1.0, f64::min);
+        Ok(Slot { index, start, end })
+    }
+
+    pub fn expire(&self, now: Instant) {
+        let mut all = self.inner.lock().expect("slots poisoned");
+        all.retain(|_, t| {
+            t.retain(|_, (_, exp)| *exp > now);
+            !t.is_empty()
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +365,35 @@ mod tests {
             (1, 1, 0)
         );
         assert_eq!((e[1].1.complete, e[1].1.incomplete), (0, 0));
+    }
+
+    #[test]
+    fn slots_are_distinct_and_balanced() {
+        let slots = Slots::default();
+        let now = Instant::now();
+        let ih = InfoHash([1; 20]);
+        let got: Vec<Slot> = (1..=4)
+            .map(|p| slots.slot(ih, addr(p), now).unwrap())
+            .collect();
+        assert_eq!(
+            got.iter().map(|s| s.index).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+        // Asked again once all four are known, the slices tile the blob.
+        let mut again: Vec<(f64, f64)> = (1..=4)
+            .map(|p| slots.slot(ih, addr(p), now).unwrap())
+            .map(|s| (s.start, s.end))
+            .collect();
+        again.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(
+            again,
+            vec![(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+        );
+        // An index freed by a leecher that went away is reused.
+        let later = now + Duration::from_secs(11);
+        slots.slot(ih, addr(1), later).unwrap();
+        let s = slots.slot(ih, addr(9), later).unwrap();
+        assert_eq!(s.index, 1);
+        assert_eq!((s.start, s.end), (0.5, 1.0));
     }
 }

@@ -44,6 +44,11 @@ pub struct Config {
     /// when --listen is unspecified).
     #[arg(long, env = "BAY_ANNOUNCE_URL")]
     pub announce_url: Option<String>,
+
+    /// Most bytes per second the BitTorrent side uploads (K/M/G suffixes allowed), so a busy
+    /// swarm leaves room on the link for everything else. Default: unlimited.
+    #[arg(long, env = "BAY_UPLOAD_LIMIT", value_parser = parse_size)]
+    pub upload_limit: Option<u64>,
 }
 
 impl Default for Config {

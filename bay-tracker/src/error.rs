@@ -100,3 +100,11 @@ impl TrackerError {
         resp
     }
 }
+
+/// A registry-style JSON error answer.
+pub fn json_error(status: StatusCode, code: ErrorCode, message: String) -> Response {
+    let mut resp = (status, ErrorBody::new(code, message, Value::Null).to_json()).into_response();
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

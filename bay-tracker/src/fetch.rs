@@ -7,22 +7,22 @@
 //! The flight runs as its own task: a caller that hangs up does not cancel it for the others.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bay_common::store::VerifyError;
 use bay_common::torrent::{BlobTorrent, TorrentBuilder};
 use bay_common::upstream::{Credentials, UpstreamClient};
 use bay_common::{Digest, Registry, RepositoryName, Verifier};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
-use crate::access::AccessCache;
 use crate::error::TrackerError;
 use crate::seeder::Seeder;
+use bay_common::access::AccessCache;
 use bay_common::store::Store;
 
 type FlightResult = Result<Arc<BlobTorrent>, Arc<TrackerError>>;
@@ -159,32 +159,18 @@ impl Blobs {
     async fn verify_local(
         &self,
         digest: &Digest,
-        path: &PathBuf,
+        path: &std::path::Path,
     ) -> Result<BlobTorrent, TrackerError> {
-        let mut file = tokio::fs::File::open(path).await?;
-        let size = file.metadata().await?.len();
-        let mut verifier = digest.verifier();
-        let mut builder = TorrentBuilder::new(digest.clone(), size)
-            .map_err(|_| TrackerError::Empty(digest.to_string()))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            verifier.update(&buf[..n]);
-            builder.update(&buf[..n]);
-        }
-        let got = verifier.finish();
-        if &got != digest {
-            return Err(TrackerError::DigestMismatch {
-                digest: digest.to_string(),
-                got: got.to_string(),
-            });
-        }
-        builder
-            .finish()
-            .map_err(|e| TrackerError::Seed(e.to_string()))
+        bay_common::store::verify_file(path, digest)
+            .await
+            .map_err(|e| match e {
+                VerifyError::Io(e) => TrackerError::Io(e),
+                VerifyError::Empty { .. } => TrackerError::Empty(digest.to_string()),
+                VerifyError::Mismatch { got, .. } => TrackerError::DigestMismatch {
+                    digest: digest.to_string(),
+                    got: got.to_string(),
+                },
+            })
     }
 
     /// Streams the blob from upstream into `tmp/`, verifying as it goes; renames it into

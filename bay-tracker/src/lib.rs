@@ -1,7 +1,6 @@
 //! bay-tracker: fetches blobs from allowlisted upstream registries once, verifies them, seeds
 //! them as deterministic torrents, and runs the announce endpoint proxies swarm through.
 
-pub mod access;
 pub mod announce;
 pub mod config;
 pub mod error;
@@ -33,7 +32,7 @@ pub async fn run(
     );
     let peer_listen = SocketAddr::new(config.listen.ip(), config.peer_port);
     let seeder = Arc::new(
-        seeder::Seeder::start(peer_listen, store.blob_dir())
+        seeder::Seeder::start(peer_listen, store.blob_dir(), config.upload_limit)
             .await
             .with_context(|| format!("starting the BitTorrent seed on {peer_listen}"))?,
     );
@@ -43,6 +42,7 @@ pub async fn run(
         config: config.clone(),
         blobs: blobs.clone(),
         swarms: announce::Swarms::default(),
+        slots: announce::Slots::default(),
         torrents_served: Default::default(),
     });
     tracing::info!(
@@ -103,7 +103,10 @@ async fn expire_peers(state: Arc<routes::AppState>, stop: tokio_util::sync::Canc
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => state.swarms.expire(Instant::now()),
+            _ = tick.tick() => {
+                state.swarms.expire(Instant::now());
+                state.slots.expire(Instant::now());
+            }
         }
     }
 }

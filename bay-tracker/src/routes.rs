@@ -28,6 +28,7 @@ pub struct AppState {
     pub config: Config,
     pub blobs: Arc<Blobs>,
     pub swarms: Swarms,
+    pub slots: crate::announce::Slots,
     pub torrents_served: AtomicU64,
 }
 
@@ -54,6 +55,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/torrents/{*path}", get(torrent))
         .route("/announce", get(announce))
         .route("/scrape", get(scrape))
+        .route("/v1/slots/{info_hash}", get(slot))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/stats", get(stats))
         .fallback(not_found)
@@ -197,6 +199,43 @@ async fn scrape(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -
             bencoded(announce::encode_scrape(&entries))
         }
         Err(e) => bencoded(announce::failure(&e.to_string())),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SlotQuery {
+    port: u16,
+}
+
+async fn slot(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    Path(info_hash): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<SlotQuery>,
+) -> Response {
+    let bad = |msg: String| {
+        crate::error::json_error(
+            StatusCode::BAD_REQUEST,
+            bay_common::api::ErrorCode::NameInvalid,
+            msg,
+        )
+    };
+    let Ok(ih) = announce::InfoHash::from_hex(&info_hash) else {
+        return bad(format!("info hash {info_hash:?} is not 40 hex characters"));
+    };
+    if q.port == 0 {
+        return bad("port must be 1-65535".into());
+    }
+    match state
+        .slots
+        .slot(ih, peer_addr(conn.remote, q.port), Instant::now())
+    {
+        Ok(s) => axum::Json(s).into_response(),
+        Err(e) => crate::error::json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            bay_common::api::ErrorCode::Unavailable,
+            e.to_string(),
+        ),
     }
 }
 

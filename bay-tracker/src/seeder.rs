@@ -25,7 +25,11 @@ pub struct Seeder {
 impl Seeder {
     /// Starts a session listening on `listen` with DHT, local discovery, UPnP and persistence
     /// off: the tracker hands out its own seed, so the session announces to no tracker either.
-    pub async fn start(listen: SocketAddr, blob_dir: &Path) -> anyhow::Result<Self> {
+    pub async fn start(
+        listen: SocketAddr,
+        blob_dir: &Path,
+        upload_limit: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let opts = SessionOptions {
             dht: None,
             persistence: None,
@@ -46,6 +50,11 @@ impl Seeder {
             // starves a seed serving many peers (notes/librqbit.md §7).
             runtime_worker_threads: Some(512),
             peer_limit: Some(512),
+            ratelimits: librqbit::limits::LimitsConfig {
+                upload_bps: upload_limit
+                    .and_then(|b| std::num::NonZeroU32::new(b.min(u32::MAX as u64) as u32)),
+                download_bps: None,
+            },
             ..Default::default()
         };
         let session = Session::new_with_opts(blob_dir.to_path_buf(), opts).await?;

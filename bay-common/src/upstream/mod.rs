@@ -158,7 +158,7 @@ impl UpstreamClient {
         creds: &Credentials,
     ) -> Result<BlobHead, UpstreamError> {
         let url = Self::blob_url(registry, name, digest);
-        let resp = self.send(Method::HEAD, &url, creds, false).await?;
+        let resp = self.send(Method::HEAD, &url, creds, false, None).await?;
         let status = resp.status();
         if status.is_redirection() {
             return Ok(BlobHead {
@@ -186,7 +186,22 @@ impl UpstreamClient {
         creds: &Credentials,
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = Self::blob_url(registry, name, digest);
-        self.send(Method::GET, &url, creds, true).await
+        self.send(Method::GET, &url, creds, true, None).await
+    }
+
+    /// GET the blob from byte `offset` on (a `Range` request). Upstream may ignore the range
+    /// and answer 200 with the whole blob; the caller checks the status.
+    pub async fn get_blob_from(
+        &self,
+        registry: &Registry,
+        name: &RepositoryName,
+        digest: &Digest,
+        creds: &Credentials,
+        offset: u64,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = Self::blob_url(registry, name, digest);
+        self.send(Method::GET, &url, creds, true, Some(offset))
+            .await
     }
 
     /// Sends a request, answering one auth challenge if our credentials allow it. Returns only
@@ -197,6 +212,7 @@ impl UpstreamClient {
         url: &str,
         creds: &Credentials,
         follow: bool,
+        range_from: Option<u64>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let client = if follow {
             &self.follow
@@ -210,6 +226,9 @@ impl UpstreamClient {
             }
             if let Some(auth) = auth {
                 req = req.header(header::AUTHORIZATION, auth);
+            }
+            if let Some(from) = range_from {
+                req = req.header(header::RANGE, format!("bytes={from}-"));
             }
             req.send()
         };

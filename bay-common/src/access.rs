@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bay_common::upstream::{BlobHead, Credentials, UpstreamClient, UpstreamError};
-use bay_common::{Digest, Registry, RepositoryName};
+use crate::upstream::{BlobHead, Credentials, UpstreamClient, UpstreamError};
+use crate::{Digest, Registry, RepositoryName};
 
 /// How long a yes from upstream is trusted. Registry tokens live about a minute, so a revoked
 /// client keeps access to blobs it could already read for at most this long.

@@ -1,0 +1,927 @@
+//! A blob GET, top to bottom: authorize with upstream, serve from the local cache, else from
+//! the swarm as pieces arrive, else straight from upstream — always verified on the way out.
+//!
+//! Every body the client gets is hashed as it goes out and its last chunk is held back until
+//! the digest matched, so a client never receives a complete wrong blob: on a mismatch the
+//! connection is cut short of `Content-Length`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bay_common::access::AccessCache;
+use bay_common::api::ProxyStats;
+use bay_common::store::{Store, verify_file};
+use bay_common::torrent::{BlobTorrent, TorrentBuilder};
+use bay_common::upstream::{Credentials, UpstreamClient};
+use bay_common::{Digest, Registry, RepositoryName, Verifier};
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::ProxyError;
+use crate::range::ByteRange;
+use crate::swarm::{BlobRead, Handle, Swarm};
+use crate::trackers::{Trackers, TrackersError};
+use crate::wake;
+
+const CHUNK: usize = 256 * 1024;
+/// How often the idle requesters of a running download are woken (200 ms measured best).
+const WAKE_EVERY: Duration = Duration::from_millis(200);
+/// How often this node asks the tracker which slice of a blob to fetch first.
+const SLOT_EVERY: Duration = Duration::from_secs(1);
+
+/// Who asked for which blob of which upstream.
+#[derive(Clone)]
+pub struct BlobRequest {
+    pub registry: Registry,
+    pub name: RepositoryName,
+    pub digest: Digest,
+    pub authorization: Option<HeaderValue>,
+}
+
+impl BlobRequest {
+    fn creds(&self) -> Credentials {
+        Credentials::from_client(self.authorization.as_ref())
+    }
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub blobs_served: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub swarm_downloads: AtomicU64,
+    pub fallbacks: AtomicU64,
+    pub bytes_from_peers: AtomicU64,
+    pub bytes_from_trackers: AtomicU64,
+    pub bytes_from_upstream: AtomicU64,
+}
+
+/// A swarm download in progress, shared by every client asking for the blob meanwhile.
+struct Download {
+    torrent: Arc<BlobTorrent>,
+    handle: Handle,
+    /// None while running; Some(true) once verified and cached, Some(false) if it failed.
+    outcome: watch::Sender<Option<bool>>,
+}
+
+pub struct Blobs {
+    store: Arc<Store>,
+    swarm: Arc<Swarm>,
+    trackers: Arc<Trackers>,
+    upstream: Arc<UpstreamClient>,
+    access: AccessCache,
+    stall_timeout: Duration,
+    downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+    pub counters: Counters,
+    /// Stops the background work of downloads at shutdown.
+    stop: CancellationToken,
+}
+
+impl Blobs {
+    pub fn new(
+        store: Arc<Store>,
+        swarm: Arc<Swarm>,
+        trackers: Arc<Trackers>,
+        upstream: Arc<UpstreamClient>,
+        stall_timeout: Duration,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            swarm,
+            trackers,
+            upstream,
+            access: AccessCache::default(),
+            stall_timeout,
+            downloads: Mutex::default(),
+            counters: Counters::default(),
+            stop,
+        }
+    }
+
+    /// Answers `GET /v2/<name>/blobs/<digest>`.
+    pub async fn get(
+        self: &Arc<Self>,
+        req: BlobRequest,
+        range: Option<&str>,
+    ) -> Result<Response, ProxyError> {
+        // 1. Upstream decides who may read what; a cached blob proves nothing about the caller.
+        let upstream_size = self
+            .access
+            .check(
+                &self.upstream,
+                &req.registry,
+                &req.name,
+                &req.digest,
+                &req.creds(),
+            )
+            .await?;
+        self.counters.blobs_served.fetch_add(1, Ordering::Relaxed);
+
+        // 2. Held locally: serve from disk.
+        if let Some(t) = self.store.get(&req.digest) {
+            self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(size = t.size(), "serving blob from cache");
+            return self.serve_file(&req.digest, t.size(), range).await;
+        }
+
+        // 3. From the swarm, as pieces arrive.
+        let download = match self.download(&req).await {
+            Ok(d) => Some(d),
+            Err(Start::Refused(r)) => return Err(ProxyError::Refused(r)),
+            Err(Start::Failed(why)) => {
+                tracing::warn!("swarm unavailable, streaming from upstream: {why}");
+                None
+            }
+        };
+        if let Some(range) = range {
+            // Ranges are served only from a verified file: wait for it.
+            let verified = match &download {
+                Some(d) => d
+                    .outcome
+                    .subscribe()
+                    .wait_for(|o| o.is_some())
+                    .await
+                    .ok()
+                    .and_then(|o| *o),
+                None => None,
+            };
+            if verified != Some(true) {
+                self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.fetch_to_cache(&req).await?;
+            }
+            let t = self.store.get(&req.digest).ok_or_else(|| {
+                ProxyError::Io(std::io::Error::other("blob vanished from the cache"))
+            })?;
+            return self.serve_file(&req.digest, t.size(), Some(range)).await;
+        }
+        let body = match download {
+            Some(d) => {
+                let reader = Swarm::open(&d.handle, 0)
+                    .await
+                    .map_err(|e| ProxyError::Io(std::io::Error::other(e.to_string())))?;
+                let size = d.torrent.size();
+                VerifyingBody::new(
+                    self.clone(),
+                    req.digest.clone(),
+                    Some(req.clone()),
+                    size,
+                    Source::Swarm {
+                        reader,
+                        download: d,
+                        last_progress: 0,
+                    },
+                )
+            }
+            // 4. Straight from upstream, verified, and cached and seeded if it verifies.
+            None => {
+                self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                let resp = self
+                    .upstream
+                    .get_blob(&req.registry, &req.name, &req.digest, &req.creds())
+                    .await?;
+                let size = resp.content_length().or(upstream_size).ok_or_else(|| {
+                    ProxyError::Io(std::io::Error::other("upstream sent no blob length"))
+                })?;
+                let tee = Tee::new(self, &req.digest, size).await;
+                let mut body = VerifyingBody::new(
+                    self.clone(),
+                    req.digest.clone(),
+                    Some(req.clone()),
+                    size,
+                    Source::Upstream { resp, skip: 0 },
+                );
+                body.tee = tee;
+                body
+            }
+        };
+        Ok(blob_response(
+            &req.digest,
+            body.size,
+            StatusCode::OK,
+            None,
+            body.into_body(),
+        ))
+    }
+
+    /// Joins the running download of the blob, or starts one.
+    async fn download(self: &Arc<Self>, req: &BlobRequest) -> Result<Arc<Download>, Start> {
+        if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
+            return Ok(d.clone());
+        }
+        let fetched = self
+            .trackers
+            .torrent(
+                &req.registry,
+                &req.name,
+                &req.digest,
+                req.authorization.as_ref(),
+            )
+            .await
+            .map_err(|e| match e {
+                TrackersError::Refused(r) => Start::Refused(r),
+                other => Start::Failed(other.to_string()),
+            })?;
+        // Someone may have started it while we asked the tracker.
+        if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
+            return Ok(d.clone());
+        }
+        let handle = self
+            .swarm
+            .add(fetched.metainfo.clone(), self.store.tmp_dir())
+            .await
+            .map_err(|e| Start::Failed(e.to_string()))?;
+        let torrent = Arc::new(fetched.torrent);
+        let (outcome, _) = watch::channel(None);
+        let download = Arc::new(Download {
+            torrent,
+            handle,
+            outcome,
+        });
+        {
+            let mut map = self.downloads.lock().expect("poisoned");
+            if let Some(d) = map.get(&req.digest) {
+                return Ok(d.clone());
+            }
+            map.insert(req.digest.clone(), download.clone());
+        }
+        self.counters
+            .swarm_downloads
+            .fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        let d = download.clone();
+        let trackers = tracker_ips(&fetched.from);
+        tokio::spawn(
+            async move { this.supervise(d, trackers).await }.instrument(
+                tracing::info_span!("download", digest = %req.digest, repo = %req.name),
+            ),
+        );
+        Ok(download)
+    }
+
+    /// Drives a download to its end: prioritises this node's slice, wakes idle requesters,
+    /// gives up when the swarm stalls, and on completion verifies, caches and keeps seeding.
+    async fn supervise(self: Arc<Self>, d: Arc<Download>, tracker_ips: Vec<IpAddr>) {
+        let started = Instant::now();
+        let ih = d.torrent.info_hash();
+        let stop = self.stop.child_token();
+        let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, self.swarm.peer_port()));
+        let pieces = d.torrent.piece_count();
+        let mut slice: Option<(f64, f64, CancellationToken)> = None;
+        let mut last_progress = (0u64, Instant::now());
+        let mut wake_tick = tokio::time::interval(WAKE_EVERY);
+        let mut slot_tick = tokio::time::interval(SLOT_EVERY);
+        let give_up = (self.stall_timeout * 6).max(Duration::from_secs(30));
+        let finished = loop {
+            let stats = d.handle.stats();
+            if stats.finished {
+                break true;
+            }
+            if stats.progress_bytes > last_progress.0 {
+                last_progress = (stats.progress_bytes, Instant::now());
+            } else if last_progress.1.elapsed() > give_up {
+                tracing::warn!(
+                    progress = stats.progress_bytes,
+                    "swarm made no progress for {give_up:?}, giving up"
+                );
+                break false;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break false,
+                _ = wake_tick.tick() => {
+                    let _ = wake::nudge(peer, ih, pieces).await;
+                }
+                _ = slot_tick.tick() => {
+                    if let Some(s) = self.trackers.slot(ih, self.swarm.peer_port()).await
+                        && slice.as_ref().is_none_or(|(a, b, _)| (*a, *b) != (s.start, s.end))
+                    {
+                        if let Some((_, _, old)) = slice.take() {
+                            old.cancel();
+                        }
+                        let token = stop.child_token();
+                        tracing::debug!(start = s.start, end = s.end, "prioritising slice");
+                        tokio::spawn(Swarm::prioritise_slice(d.handle.clone(), d.torrent.clone(), s.start, s.end, token.clone()));
+                        slice = Some((s.start, s.end, token));
+                    }
+                }
+            }
+        };
+        if let Some((_, _, t)) = slice {
+            t.cancel();
+        }
+        let (from_trackers, from_peers) = peer_bytes(&d.handle, &tracker_ips);
+        self.counters
+            .bytes_from_trackers
+            .fetch_add(from_trackers, Ordering::Relaxed);
+        self.counters
+            .bytes_from_peers
+            .fetch_add(from_peers, Ordering::Relaxed);
+        let ok = finished
+            && self
+                .keep(
+                    &d.torrent,
+                    &self.store.tmp_dir().join(d.torrent.file_name()),
+                )
+                .await;
+        if !ok {
+            self.swarm.remove(ih, true).await;
+        }
+        self.downloads
+            .lock()
+            .expect("poisoned")
+            .remove(d.torrent.digest());
+        d.outcome.send_replace(Some(ok));
+        if ok {
+            tracing::info!(
+                size = d.torrent.size(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                from_peers,
+                from_trackers,
+                from_upstream = 0,
+                "blob downloaded from the swarm"
+            );
+        }
+    }
+
+    /// Verifies a complete file and makes it a cached blob: linked into `blobs/` (the swarm
+    /// keeps seeding the same inode), then recorded, evicting what no longer fits.
+    async fn keep(&self, torrent: &Arc<BlobTorrent>, file: &Path) -> bool {
+        let digest = torrent.digest();
+        match verify_file(file, digest).await {
+            Ok(t) if t.info_hash() == torrent.info_hash() => {}
+            Ok(_) => {
+                tracing::error!("blob verified but its torrent differs; not caching");
+                return false;
+            }
+            Err(e) => {
+                tracing::error!("downloaded blob failed verification, discarding: {e}");
+                return false;
+            }
+        }
+        let dest = self.store.blob_path(digest);
+        let staged = self.store.temp_path();
+        let linked = tokio::fs::hard_link(file, &staged).await;
+        if let Err(e) = linked.and(tokio::fs::rename(&staged, &dest).await) {
+            tracing::warn!("caching blob failed, serving without caching: {e}");
+            let _ = tokio::fs::remove_file(&staged).await;
+            return false;
+        }
+        self.record(torrent.clone()).await;
+        true
+    }
+
+    async fn record(&self, torrent: Arc<BlobTorrent>) {
+        for victim in self.store.insert(torrent) {
+            tracing::info!(digest = %victim.digest(), size = victim.size(), "evicting blob");
+            self.swarm.remove(victim.info_hash(), false).await;
+            for dir in [self.store.blob_dir(), self.store.tmp_dir()] {
+                let _ = tokio::fs::remove_file(dir.join(victim.file_name())).await;
+            }
+        }
+    }
+
+    /// Gets a whole blob from upstream into the cache (for Range requests the swarm could not
+    /// serve).
+    async fn fetch_to_cache(self: &Arc<Self>, req: &BlobRequest) -> Result<(), ProxyError> {
+        let resp = self
+            .upstream
+            .get_blob(&req.registry, &req.name, &req.digest, &req.creds())
+            .await?;
+        let size = resp
+            .content_length()
+            .ok_or_else(|| ProxyError::Io(std::io::Error::other("upstream sent no blob length")))?;
+        let mut body = VerifyingBody::new(
+            self.clone(),
+            req.digest.clone(),
+            Some(req.clone()),
+            size,
+            Source::Upstream { resp, skip: 0 },
+        );
+        body.tee = Tee::new(self, &req.digest, size).await;
+        if body.tee.is_none() {
+            return Err(ProxyError::Io(std::io::Error::other(
+                "cannot write to the cache",
+            )));
+        }
+        while let Some(chunk) = body.next().await {
+            chunk.map_err(ProxyError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Serves a verified blob from disk; a whole-blob GET is re-hashed on the way out.
+    async fn serve_file(
+        self: &Arc<Self>,
+        digest: &Digest,
+        size: u64,
+        range: Option<&str>,
+    ) -> Result<Response, ProxyError> {
+        let path = self.store.blob_path(digest);
+        let mut file = tokio::fs::File::open(&path).await?;
+        let range = match range {
+            Some(r) => Some(
+                ByteRange::parse(r, size)
+                    .map_err(|_| ProxyError::BadRange(r.chars().take(64).collect(), size))?,
+            ),
+            None => None,
+        };
+        match range {
+            Some(r) if !(r.start == 0 && r.end + 1 == size) => {
+                file.seek(std::io::SeekFrom::Start(r.start)).await?;
+                let len = r.end + 1 - r.start;
+                let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), CHUNK);
+                Ok(blob_response(
+                    digest,
+                    len,
+                    StatusCode::PARTIAL_CONTENT,
+                    Some(r.content_range(size)),
+                    Body::from_stream(stream),
+                ))
+            }
+            _ => {
+                let body = VerifyingBody::new(
+                    self.clone(),
+                    digest.clone(),
+                    None,
+                    size,
+                    Source::File { file },
+                );
+                let status = if range.is_some() {
+                    StatusCode::PARTIAL_CONTENT
+                } else {
+                    StatusCode::OK
+                };
+                let cr = range.map(|r| r.content_range(size));
+                Ok(blob_response(digest, size, status, cr, body.into_body()))
+            }
+        }
+    }
+
+    pub fn stats(&self) -> ProxyStats {
+        let c = &self.counters;
+        let (blobs_held, bytes_held) = self.store.usage();
+        ProxyStats {
+            blobs_served: c.blobs_served.load(Ordering::Relaxed),
+            cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            swarm_downloads: c.swarm_downloads.load(Ordering::Relaxed),
+            fallbacks: c.fallbacks.load(Ordering::Relaxed),
+            bytes_from_peers: c.bytes_from_peers.load(Ordering::Relaxed),
+            bytes_from_trackers: c.bytes_from_trackers.load(Ordering::Relaxed),
+            bytes_from_upstream: c.bytes_from_upstream.load(Ordering::Relaxed),
+            blobs_held,
+            bytes_held,
+        }
+    }
+
+    /// Verifies and re-seeds blobs an earlier run left in the cache.
+    pub async fn reseed_leftovers(self: Arc<Self>) {
+        let leftovers = match self.store.leftovers() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("listing the cache: {e}");
+                return;
+            }
+        };
+        for digest in leftovers {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let path = self.store.blob_path(&digest);
+            match verify_file(&path, &digest).await {
+                Ok(t) => {
+                    let t = Arc::new(t);
+                    match self
+                        .swarm
+                        .add(Bytes::from(t.to_metainfo(&[])), self.store.blob_dir())
+                        .await
+                    {
+                        Ok(_) => {
+                            self.record(t).await;
+                            tracing::info!(digest = %digest, "re-seeding cached blob");
+                        }
+                        Err(e) => tracing::warn!(digest = %digest, "cannot seed cached blob: {e}"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %digest, "discarding cached blob: {e}");
+                    let _ = tokio::fs::remove_file(&path).await;
+                }
+            }
+        }
+    }
+}
+
+enum Start {
+    Refused(Box<bay_common::upstream::Refusal>),
+    Failed(String),
+}
+
+/// The IPs of the trackers, whose seeds we count apart from other proxies.
+fn tracker_ips(url: &url::Url) -> Vec<IpAddr> {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
+        Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
+        Some(url::Host::Domain(d)) => std::net::ToSocketAddrs::to_socket_addrs(&(d, 0))
+            .map(|it| it.map(|a| a.ip()).collect())
+            .unwrap_or_default(),
+        None => vec![],
+    }
+}
+
+/// (bytes from tracker seeds, bytes from other peers) of a torrent so far.
+fn peer_bytes(handle: &Handle, tracker_ips: &[IpAddr]) -> (u64, u64) {
+    let Some(live) = handle.live() else {
+        return (0, 0);
+    };
+    let all = serde_json::from_str(r#"{"state":"all"}"#).expect("valid filter");
+    let snap = live.per_peer_stats_snapshot(all);
+    let mut out = (0, 0);
+    for (addr, s) in snap.peers {
+        let ip = addr.parse::<SocketAddr>().map(|a| a.ip()).ok();
+        if ip.is_some_and(|ip| tracker_ips.contains(&ip)) {
+            out.0 += s.counters.fetched_bytes;
+        } else {
+            out.1 += s.counters.fetched_bytes;
+        }
+    }
+    out
+}
+
+fn blob_response(
+    digest: &Digest,
+    len: u64,
+    status: StatusCode,
+    content_range: Option<String>,
+    body: Body,
+) -> Response {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let d = HeaderValue::from_str(&digest.to_string()).expect("digests are ascii");
+    h.insert("docker-content-digest", d.clone());
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&format!("\"{digest}\"")).expect("ascii"),
+    );
+    if let Some(cr) = content_range {
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&cr).expect("ascii"),
+        );
+    }
+    resp
+}
+
+/// Where the bytes of a response come from.
+enum Source {
+    Swarm {
+        reader: Box<dyn BlobRead>,
+        download: Arc<Download>,
+        last_progress: u64,
+    },
+    /// `skip`: bytes still to drop because upstream ignored our Range.
+    Upstream {
+        resp: reqwest::Response,
+        skip: u64,
+    },
+    File {
+        file: tokio::fs::File,
+    },
+}
+
+/// Writes a blob streamed from upstream into `tmp/` as it goes, so a verified fallback
+/// download is cached and seeded like a swarm one.
+struct Tee {
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+    torrent: Option<TorrentBuilder>,
+}
+
+impl Tee {
+    async fn new(blobs: &Blobs, digest: &Digest, size: u64) -> Option<Tee> {
+        let torrent = TorrentBuilder::new(digest.clone(), size).ok()?;
+        let path = blobs.store.temp_path();
+        match tokio::fs::File::create(&path).await {
+            Ok(f) => Some(Tee {
+                path,
+                file: Some(f),
+                torrent: Some(torrent),
+            }),
+            Err(e) => {
+                tracing::warn!("cannot cache the blob, streaming only: {e}");
+                None
+            }
+        }
+    }
+
+    /// Returns false (and gives up caching) on a write error such as a full disk.
+    async fn write(&mut self, chunk: &[u8]) -> bool {
+        let (Some(f), Some(t)) = (self.file.as_mut(), self.torrent.as_mut()) else {
+            return false;
+        };
+        t.update(chunk);
+        if let Err(e) = f.write_all(chunk).await {
+            tracing::warn!("cannot cache the blob, streaming only: {e}");
+            self.file = None;
+            let _ = std::fs::remove_file(&self.path);
+            return false;
+        }
+        true
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        // Unless committed (renamed away), the partial file goes.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A response body that hashes what it sends and holds back the last chunk until the digest
+/// matched; on swarm stalls it continues from upstream at the same offset.
+struct VerifyingBody {
+    blobs: Arc<Blobs>,
+    digest: Digest,
+    /// Where to continue from if the swarm stalls; None for cached files.
+    req: Option<BlobRequest>,
+    source: Source,
+    size: u64,
+    sent: u64,
+    verifier: Option<Verifier>,
+    held: Option<Bytes>,
+    tee: Option<Tee>,
+    done: bool,
+    started: Instant,
+    from_upstream: u64,
+}
+
+impl VerifyingBody {
+    fn new(
+        blobs: Arc<Blobs>,
+        digest: Digest,
+        req: Option<BlobRequest>,
+        size: u64,
+        source: Source,
+    ) -> Self {
+        Self {
+            verifier: Some(Verifier::new(digest.algorithm())),
+            blobs,
+            digest,
+            req,
+            source,
+            size,
+            sent: 0,
+            held: None,
+            tee: None,
+            done: false,
+            started: Instant::now(),
+            from_upstream: 0,
+        }
+    }
+
+    fn into_body(self) -> Body {
+        Body::from_stream(futures::stream::unfold(self, |mut b| async move {
+            let item = b.next().await?;
+            Some((item, b))
+        }))
+    }
+
+    async fn next(&mut self) -> Option<std::io::Result<Bytes>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if self.sent >= self.size {
+                self.done = true;
+                return self.finish().await;
+            }
+            let chunk = match self.read_chunk().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(
+                        sent = self.sent,
+                        size = self.size,
+                        "blob stream failed: {e}"
+                    );
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            let chunk = if self.sent + chunk.len() as u64 > self.size {
+                chunk.slice(..(self.size - self.sent) as usize)
+            } else {
+                chunk
+            };
+            self.sent += chunk.len() as u64;
+            if let Some(v) = self.verifier.as_mut() {
+                v.update(&chunk);
+            }
+            if let Some(t) = self.tee.as_mut()
+                && !t.write(&chunk).await
+            {
+                self.tee = None;
+            }
+            if let Some(prev) = self.held.replace(chunk) {
+                return Some(Ok(prev));
+            }
+        }
+    }
+
+    async fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
+        let got = self.verifier.take().expect("finished once").finish();
+        if got != self.digest {
+            tracing::error!(got = %got, "blob failed verification; cutting the response short");
+            return Some(Err(std::io::Error::other(format!(
+                "{} failed verification",
+                self.digest
+            ))));
+        }
+        if let Some(tee) = self.tee.take() {
+            self.commit(tee).await;
+        }
+        if self.from_upstream > 0 {
+            tracing::info!(
+                size = self.size,
+                elapsed_ms = self.started.elapsed().as_millis() as u64,
+                from_upstream = self.from_upstream,
+                "blob served from upstream"
+            );
+        }
+        self.held.take().map(Ok)
+    }
+
+    /// Moves a verified upstream download into the cache and seeds it.
+    async fn commit(&mut self, mut tee: Tee) {
+        let Some(mut file) = tee.file.take() else {
+            return;
+        };
+        if file.flush().await.is_err() {
+            return;
+        }
+        drop(file);
+        let Some(Ok(torrent)) = tee.torrent.take().map(TorrentBuilder::finish) else {
+            return;
+        };
+        let torrent = Arc::new(torrent);
+        let dest = self.blobs.store.blob_path(&self.digest);
+        if tokio::fs::rename(&tee.path, &dest).await.is_err() {
+            return;
+        }
+        match self
+            .blobs
+            .swarm
+            .add(
+                Bytes::from(torrent.to_metainfo(&[])),
+                self.blobs.store.blob_dir(),
+            )
+            .await
+        {
+            Ok(_) => self.blobs.record(torrent).await,
+            Err(e) => {
+                tracing::warn!("cannot seed the blob fetched from upstream: {e}");
+                let _ = tokio::fs::remove_file(&dest).await;
+            }
+        }
+    }
+
+    async fn read_chunk(&mut self) -> std::io::Result<Bytes> {
+        loop {
+            match &mut self.source {
+                Source::File { file } => {
+                    let mut buf = vec![0u8; CHUNK];
+                    let n = file.read(&mut buf).await?;
+                    if n == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "cached blob is short",
+                        ));
+                    }
+                    buf.truncate(n);
+                    return Ok(Bytes::from(buf));
+                }
+                Source::Upstream { resp, skip } => {
+                    let chunk = resp
+                        .chunk()
+                        .await
+                        .map_err(std::io::Error::other)?
+                        .ok_or_else(|| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "upstream ended the blob early",
+                            )
+                        })?;
+                    self.blobs
+                        .counters
+                        .bytes_from_upstream
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    self.from_upstream += chunk.len() as u64;
+                    if *skip >= chunk.len() as u64 {
+                        *skip -= chunk.len() as u64;
+                        continue;
+                    }
+                    let chunk = chunk.slice(*skip as usize..);
+                    *skip = 0;
+                    return Ok(chunk);
+                }
+                Source::Swarm {
+                    reader,
+                    download,
+                    last_progress,
+                } => {
+                    let mut buf = vec![0u8; CHUNK];
+                    match tokio::time::timeout(self.blobs.stall_timeout, reader.read(&mut buf))
+                        .await
+                    {
+                        Ok(Ok(0)) => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "swarm stream ended early",
+                            ));
+                        }
+                        Ok(Ok(n)) => {
+                            buf.truncate(n);
+                            return Ok(Bytes::from(buf));
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!("swarm stream failed, continuing from upstream: {e}");
+                        }
+                        Err(_) => {
+                            let progress = download.handle.stats().progress_bytes;
+                            if progress > *last_progress {
+                                // Pieces are arriving, just not ours yet.
+                                *last_progress = progress;
+                                continue;
+                            }
+                            tracing::warn!(
+                                at = self.sent,
+                                "swarm made no progress for {:?}, continuing from upstream",
+                                self.blobs.stall_timeout
+                            );
+                        }
+                    }
+                    self.blobs
+                        .counters
+                        .fallbacks
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.switch_to_upstream().await?;
+                }
+            }
+        }
+    }
+
+    async fn switch_to_upstream(&mut self) -> std::io::Result<()> {
+        let Some(r) = &self.req else {
+            return Err(std::io::Error::other("no upstream to continue from"));
+        };
+        let resp = self
+            .blobs
+            .upstream
+            .get_blob_from(&r.registry, &r.name, &r.digest, &r.creds(), self.sent)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let skip = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            0
+        } else {
+            self.sent
+        };
+        self.source = Source::Upstream { resp, skip };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_headers() {
+        let d = Digest::sha256_of(b"x");
+        let r = blob_response(
+            &d,
+            10,
+            StatusCode::PARTIAL_CONTENT,
+            Some("bytes 0-9/20".into()),
+            Body::empty(),
+        );
+        let h = r.headers();
+        assert_eq!(h["content-length"], "10");
+        assert_eq!(h["docker-content-digest"], d.to_string().as_str());
+        assert_eq!(h["content-range"], "bytes 0-9/20");
+        assert_eq!(h["content-type"], "application/octet-stream");
+    }
+}

@@ -1,0 +1,124 @@
+//! Command-line and environment configuration of the proxy.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bay_common::Registry;
+use bay_common::flags::{parse_registry, parse_size};
+use clap::Parser;
+
+/// bay-proxy: a registry proxy for one machine. Point `p2p-<registry>` at it in /etc/hosts and
+/// `docker pull p2p-<registry>/image`: manifests and everything else go straight to the
+/// upstream registry, blobs come from the BitTorrent swarm of trackers and other proxies.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bay-proxy", version)]
+pub struct Config {
+    /// Address the registry API listens on. Docker tries plain HTTP on port 80 for names that
+    /// resolve to 127.0.0.0/8, hence the default.
+    #[arg(long, env = "BAY_LISTEN", default_value = "127.0.0.1:80")]
+    pub listen: SocketAddr,
+
+    /// Base URL of a bay-tracker, e.g. http://tracker-1:6880 (repeatable, or comma-separated in
+    /// the env var). Torrents are announced to all of them.
+    #[arg(long = "tracker", env = "BAY_TRACKER", value_delimiter = ',')]
+    pub trackers: Vec<url::Url>,
+
+    /// BitTorrent port this proxy seeds and downloads on (all interfaces).
+    #[arg(long, env = "BAY_PEER_PORT", default_value_t = 6882)]
+    pub peer_port: u16,
+
+    /// Upstream registry this proxy may serve (repeatable, or comma-separated in the env var).
+    /// `host[:port]` means HTTPS; `http://host:port` allows plain HTTP.
+    #[arg(long = "upstream", env = "BAY_UPSTREAM", value_delimiter = ',', value_parser = parse_registry)]
+    pub upstreams: Vec<Registry>,
+
+    /// Upstream for requests whose Host has no `p2p-` prefix. Must also be an --upstream.
+    #[arg(long, env = "BAY_DEFAULT_UPSTREAM", value_parser = parse_registry)]
+    pub default_upstream: Option<Registry>,
+
+    /// Where downloaded blobs (blobs/) and downloads in progress (tmp/) live.
+    #[arg(long, env = "BAY_DATA_DIR", default_value = "/var/lib/bay-proxy")]
+    pub data_dir: PathBuf,
+
+    /// Most bytes of blobs to keep and seed; least recently used go first. Plain number or
+    /// K/M/G/T suffix.
+    #[arg(long, env = "BAY_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// Seconds without swarm progress after which a blob is streamed from upstream instead.
+    #[arg(long, env = "BAY_STALL_TIMEOUT", default_value_t = 5.0)]
+    pub stall_timeout: f64,
+
+    /// Most bytes per second the BitTorrent side uploads (K/M/G suffixes allowed), so a busy
+    /// swarm leaves room on the link for everything else. Default: unlimited.
+    #[arg(long, env = "BAY_UPLOAD_LIMIT", value_parser = parse_size)]
+    pub upload_limit: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::parse_from(["bay-proxy"])
+    }
+}
+
+impl Config {
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.stall_timeout.clamp(0.1, 3600.0))
+    }
+
+    /// Checks what clap cannot: the default upstream must be allowlisted.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(d) = &self.default_upstream
+            && !self.upstreams.contains(d)
+        {
+            return Err(format!(
+                "--default-upstream {d} is not among the --upstream registries"
+            ));
+        }
+        for t in &self.trackers {
+            if !matches!(t.scheme(), "http" | "https") {
+                return Err(format!("--tracker {t}: only http(s) URLs are supported"));
+            }
+        }
+        if !self.stall_timeout.is_finite() || self.stall_timeout <= 0.0 {
+            return Err(format!(
+                "--stall-timeout {}: must be a positive number of seconds",
+                self.stall_timeout
+            ));
+        }
+        Ok(())
+    }
+
+    /// The allowlisted upstream for an authority (`host[:port]`).
+    pub fn upstream(&self, authority: &str) -> Option<&Registry> {
+        self.upstreams.iter().find(|r| r.authority() == authority)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags() {
+        let c = Config::parse_from([
+            "bay-proxy",
+            "--tracker",
+            "http://127.0.0.3:6880",
+            "--tracker",
+            "http://127.0.0.4:6880",
+            "--upstream",
+            "http://127.0.0.2:5000",
+            "--default-upstream",
+            "http://127.0.0.2:5000",
+        ]);
+        assert_eq!(c.trackers.len(), 2);
+        assert!(c.validate().is_ok());
+        assert!(c.upstream("127.0.0.2:5000").is_some());
+        let bad = Config::parse_from(["bay-proxy", "--default-upstream", "ghcr.io"]);
+        let e = bad.validate().unwrap_err();
+        assert!(e.contains("ghcr.io"), "{e}");
+        assert_eq!(Config::default().listen.port(), 80);
+    }
+}

@@ -1,0 +1,79 @@
+//! The HTTP surface: the registry API (blob GETs to [`crate::blob`], everything else passed
+//! through) and the proxy's own endpoints under `/_bay/`, which no registry path can collide
+//! with.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{Method, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tracing::Instrument;
+
+use crate::blob::{BlobRequest, Blobs};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::passthrough::Passthrough;
+use crate::route;
+
+pub struct AppState {
+    pub config: Config,
+    pub blobs: Arc<Blobs>,
+    pub passthrough: Passthrough,
+}
+
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/_bay/healthz", get(|| async { "ok\n" }))
+        .route("/_bay/stats", get(stats))
+        .fallback(registry)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(state.blobs.stats()).into_response()
+}
+
+async fn registry(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_string();
+    let upstream = match route::upstream_for(&state.config, Some(&host), req.uri().query()) {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let blob = (req.method() == Method::GET)
+        .then(|| route::blob_path(req.uri().path()))
+        .flatten();
+    let Some((name, digest)) = blob else {
+        return state.passthrough.forward(&upstream, &host, req).await;
+    };
+    let (name, digest) = match route::parse_blob(name, digest) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let span = tracing::info_span!("blob", digest = %digest, repo = %name, registry = %upstream);
+    let blob_req = BlobRequest {
+        registry: upstream,
+        name,
+        digest,
+        authorization: req.headers().get(header::AUTHORIZATION).cloned(),
+    };
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|r| r.to_str().ok())
+        .map(str::to_string);
+    state
+        .blobs
+        .get(blob_req, range.as_deref())
+        .instrument(span)
+        .await
+        .unwrap_or_else(ProxyError::into_response)
+}

@@ -1,0 +1,208 @@
+//! The proxy's librqbit session: downloads blobs from the swarm, and seeds what it holds.
+//!
+//! Stock librqbit 9.1 does not make leechers that start together trade pieces
+//! (`notes/librqbit.md` §11). Three things restore it, all outside librqbit
+//! (`notes/librqbit-workaround.md`): the tracker's hand-out policy (see bay-tracker), a slice
+//! of each blob per node that this node reads ahead ([`Swarm::prioritise_slice`]), and waking
+//! librqbit's idle piece requesters ([`crate::wake`]). A small request window keeps a
+//! connection from reserving pieces that another peer will have a moment later.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bay_common::announce::InfoHash;
+use bay_common::torrent::BlobTorrent;
+use bytes::Bytes;
+use librqbit::api::TorrentIdOrHash;
+use librqbit::dht::Id20;
+use librqbit::{
+    AddTorrent, AddTorrentOptions, ConnectionOptions, ListenerMode, ListenerOptions,
+    ManagedTorrent, PeerConnectionOptions, Session, SessionOptions,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt};
+use tokio_util::sync::CancellationToken;
+
+/// Readers per node over its own slice; 4 front-loaded best in the measurements.
+const SLICE_READERS: u64 = 4;
+/// Chunks (16 KiB) in flight per connection: one 256 KiB piece.
+const REQUEST_WINDOW: usize = 16;
+
+pub type Handle = Arc<ManagedTorrent>;
+
+/// A librqbit file stream (its type is not public): reads verified bytes, waiting for pieces.
+pub trait BlobRead: AsyncRead + AsyncSeek + Unpin + Send {}
+impl<T: AsyncRead + AsyncSeek + Unpin + Send> BlobRead for T {}
+
+pub struct Swarm {
+    session: Arc<Session>,
+    peer_port: u16,
+    announce: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("swarm: {0}")]
+pub struct SwarmError(String);
+
+fn err(e: impl std::fmt::Display) -> SwarmError {
+    SwarmError(e.to_string())
+}
+
+impl Swarm {
+    /// Starts the session on `0.0.0.0:peer_port`: every proxy on a machine announces from the
+    /// same address, so peers must be reachable on all interfaces.
+    pub async fn start(
+        peer_port: u16,
+        default_dir: &Path,
+        announce: Vec<String>,
+        upload_limit: Option<u64>,
+    ) -> anyhow::Result<Self> {
+        let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, peer_port));
+        let opts = SessionOptions {
+            dht: None,
+            persistence: None,
+            fastresume: false,
+            disable_local_service_discovery: true,
+            listen: Some(ListenerOptions {
+                mode: ListenerMode::TcpOnly,
+                listen_addr: listen,
+                enable_upnp_port_forwarding: false,
+                announce_port: Some(peer_port),
+                ipv4_only: true,
+                ..Default::default()
+            }),
+            connect: Some(ConnectionOptions {
+                peer_opts: Some(PeerConnectionOptions {
+                    max_request_window: Some(REQUEST_WINDOW),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ipv4_only: true,
+            // Streams and upload chunk reads each hold a permit (notes/librqbit.md §7).
+            runtime_worker_threads: Some(1024),
+            peer_limit: Some(128),
+            ratelimits: librqbit::limits::LimitsConfig {
+                upload_bps: upload_limit
+                    .and_then(|b| std::num::NonZeroU32::new(b.min(u32::MAX as u64) as u32)),
+                download_bps: None,
+            },
+            ..Default::default()
+        };
+        let session = Session::new_with_opts(default_dir.to_path_buf(), opts).await?;
+        Ok(Self {
+            session,
+            peer_port,
+            announce,
+        })
+    }
+
+    pub fn peer_port(&self) -> u16 {
+        self.peer_port
+    }
+
+    /// Adds a torrent whose file is (or will be) at `dir/<file name>`, announcing to every
+    /// configured tracker so proxies find each other whichever tracker handed out the torrent.
+    pub async fn add(&self, metainfo: Bytes, dir: &Path) -> Result<Handle, SwarmError> {
+        let resp = self
+            .session
+            .add_torrent(
+                AddTorrent::from_bytes(metainfo),
+                Some(AddTorrentOptions {
+                    overwrite: true,
+                    output_folder: Some(dir.to_string_lossy().into_owned()),
+                    trackers: Some(self.announce.clone()),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(|e| err(format!("{e:#}")))?;
+        let handle = resp
+            .into_handle()
+            .ok_or_else(|| err("librqbit only listed the torrent"))?;
+        tokio::time::timeout(Duration::from_secs(600), handle.wait_until_initialized())
+            .await
+            .map_err(|_| err("initial check timed out"))?
+            .map_err(|e| err(format!("{e:#}")))?;
+        Ok(handle)
+    }
+
+    pub fn get(&self, info_hash: InfoHash) -> Option<Handle> {
+        self.session
+            .get(TorrentIdOrHash::Hash(Id20::new(info_hash.0)))
+    }
+
+    /// Stops the torrent; its files stay unless `delete_files`.
+    pub async fn remove(&self, info_hash: InfoHash, delete_files: bool) {
+        let id = TorrentIdOrHash::Hash(Id20::new(info_hash.0));
+        if let Err(e) = self.session.delete(id, delete_files).await {
+            tracing::debug!(info_hash = %info_hash, "removing torrent: {e:#}");
+        }
+    }
+
+    /// A reader of the blob that waits for verified pieces, starting at `offset`.
+    pub async fn open(handle: &Handle, offset: u64) -> Result<Box<dyn BlobRead>, SwarmError> {
+        let mut s = handle
+            .clone()
+            .stream(0)
+            .await
+            .map_err(|e| err(format!("{e:#}")))?;
+        if offset > 0 {
+            s.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(err)?;
+        }
+        Ok(Box::new(s))
+    }
+
+    /// Reads (and discards) this node's slice of the blob with a few readers, so librqbit
+    /// fetches those pieces first and has them to offer while other nodes fetch theirs.
+    /// Returns when the slice is read or `stop` fires.
+    pub async fn prioritise_slice(
+        handle: Handle,
+        torrent: Arc<BlobTorrent>,
+        start: f64,
+        end: f64,
+        stop: CancellationToken,
+    ) {
+        let size = torrent.size();
+        let piece = torrent.piece_length() as u64;
+        let align = |f: f64| (((f * size as f64) as u64) / piece * piece).min(size);
+        let (from, to) = (align(start), if end >= 1.0 { size } else { align(end) });
+        if to <= from {
+            return;
+        }
+        let step = (to - from).div_ceil(SLICE_READERS).div_ceil(piece) * piece;
+        let mut readers = tokio::task::JoinSet::new();
+        let mut at = from;
+        while at < to {
+            let (a, b) = (at, (at + step).min(to));
+            at = b;
+            let handle = handle.clone();
+            let stop = stop.clone();
+            readers.spawn(async move {
+                let Ok(mut s) = Swarm::open(&handle, a).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut pos = a;
+                while pos < b {
+                    let want = buf.len().min((b - pos) as usize);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = s.read(&mut buf[..want]) => match r {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pos += n as u64,
+                        },
+                    }
+                }
+            });
+        }
+        while readers.join_next().await.is_some() {}
+    }
+
+    pub async fn stop(&self) {
+        self.session.stop().await;
+    }
+}

@@ -1,0 +1,248 @@
+//! The configured trackers: which one to ask for a blob's torrent, and which are healthy.
+//!
+//! Every tracker derives the same torrent for a blob, but the upstream should be fetched once,
+//! so all proxies ask the same tracker first for a given digest: the one ranking highest by
+//! rendezvous (highest-random-weight) hashing of (tracker, digest). Removing a tracker moves
+//! only the digests it ranked first for. A tracker that failed is skipped for a while.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bay_common::announce::InfoHash;
+use bay_common::api::{self, Slot};
+use bay_common::torrent::BlobTorrent;
+use bay_common::upstream::Refusal;
+use bay_common::{Digest, Registry, RepositoryName};
+use bytes::Bytes;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use sha2::{Digest as _, Sha256};
+
+/// How long a failed tracker is tried only after the healthy ones.
+const COOL_DOWN: Duration = Duration::from_secs(30);
+/// A torrent answer may take as long as the tracker needs to fetch the blob from upstream.
+const TORRENT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackersError {
+    #[error("no tracker is configured")]
+    None,
+    #[error("upstream refused through the tracker: {}", .0.status)]
+    Refused(Box<Refusal>),
+    #[error("every tracker failed; last: {0}")]
+    AllFailed(String),
+}
+
+pub struct Trackers {
+    urls: Vec<url::Url>,
+    failed_at: Mutex<Vec<Option<Instant>>>,
+    client: reqwest::Client,
+}
+
+/// A torrent as a tracker handed it out.
+pub struct Fetched {
+    pub torrent: BlobTorrent,
+    pub metainfo: Bytes,
+    pub from: url::Url,
+}
+
+impl Trackers {
+    pub fn new(urls: Vec<url::Url>) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .read_timeout(TORRENT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()?;
+        Ok(Self {
+            failed_at: Mutex::new(vec![None; urls.len()]),
+            urls,
+            client,
+        })
+    }
+
+    pub fn announce_urls(&self) -> Vec<String> {
+        self.urls
+            .iter()
+            .filter_map(|u| u.join("announce").ok())
+            .map(|u| u.to_string())
+            .collect()
+    }
+
+    /// Tracker indices in the order to ask for `digest`: rendezvous rank, with trackers that
+    /// failed in the last [`COOL_DOWN`] moved to the back.
+    pub fn ranked(&self, digest: &Digest) -> Vec<usize> {
+        let mut order = rendezvous(&self.urls, &digest.to_string());
+        let now = Instant::now();
+        let failed = self.failed_at.lock().expect("poisoned");
+        order.sort_by_key(|i| failed[*i].is_some_and(|t| now.duration_since(t) < COOL_DOWN));
+        order
+    }
+
+    fn mark(&self, i: usize, ok: bool) {
+        self.failed_at.lock().expect("poisoned")[i] = (!ok).then(Instant::now);
+    }
+
+    /// The blob's torrent from the first tracker that gives one, checked to be bay's torrent of
+    /// that digest.
+    pub async fn torrent(
+        &self,
+        registry: &Registry,
+        name: &RepositoryName,
+        digest: &Digest,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Fetched, TrackersError> {
+        if self.urls.is_empty() {
+            return Err(TrackersError::None);
+        }
+        let path = api::torrent_path(registry, name, digest);
+        let mut last = String::new();
+        for i in self.ranked(digest) {
+            let base = &self.urls[i];
+            let Ok(url) = base.join(path.trim_start_matches('/')) else {
+                continue;
+            };
+            let mut req = self.client.get(url).timeout(TORRENT_TIMEOUT);
+            if let Some(auth) = authorization {
+                req = req.header(header::AUTHORIZATION, auth.clone());
+            }
+            let result = async {
+                let resp = req.send().await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                if matches!(status.as_u16(), 401 | 403 | 404 | 429) {
+                    let mut headers = HeaderMap::new();
+                    for h in ["www-authenticate", "content-type", "retry-after"] {
+                        for v in resp.headers().get_all(h) {
+                            headers.append(h, v.clone());
+                        }
+                    }
+                    let body = resp.bytes().await.unwrap_or_default();
+                    return Ok(Err(Refusal {
+                        status,
+                        headers,
+                        body,
+                    }));
+                }
+                if !status.is_success() {
+                    return Err(format!("{base} answered {status}"));
+                }
+                let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+                let torrent = BlobTorrent::from_metainfo(&bytes).map_err(|e| e.to_string())?;
+                if torrent.digest() != digest {
+                    return Err(format!("{base} sent the torrent of {}", torrent.digest()));
+                }
+                Ok(Ok((torrent, bytes)))
+            }
+            .await;
+            match result {
+                Ok(Ok((torrent, metainfo))) => {
+                    self.mark(i, true);
+                    return Ok(Fetched {
+                        torrent,
+                        metainfo,
+                        from: base.clone(),
+                    });
+                }
+                Ok(Err(refusal)) => {
+                    self.mark(i, true);
+                    return Err(TrackersError::Refused(Box::new(refusal)));
+                }
+                Err(e) => {
+                    tracing::warn!(tracker = %base, "torrent request failed: {e}");
+                    self.mark(i, false);
+                    last = e;
+                }
+            }
+        }
+        Err(TrackersError::AllFailed(last))
+    }
+
+    /// This node's slice of a torrent to prioritise, from the first tracker that answers.
+    pub async fn slot(&self, info_hash: InfoHash, peer_port: u16) -> Option<Slot> {
+        for base in &self.urls {
+            let Ok(url) = base.join(&format!("v1/slots/{}?port={peer_port}", info_hash.to_hex()))
+            else {
+                continue;
+            };
+            let resp = self
+                .client
+                .get(url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if let Ok(r) = resp
+                && r.status().is_success()
+                && let Ok(slot) = r.json::<Slot>().await
+                && (0.0..=1.0).contains(&slot.start)
+                && (slot.start..=1.0).contains(&slot.end)
+            {
+                return Some(slot);
+            }
+        }
+        None
+    }
+}
+
+/// Indices of `nodes` ordered by highest random weight for `key`.
+pub fn rendezvous<T: AsRef<str>>(nodes: &[T], key: &str) -> Vec<usize> {
+    let weight = |node: &str| {
+        let h = Sha256::new()
+            .chain_update(node.as_bytes())
+            .chain_update([0])
+            .chain_update(key.as_bytes())
+            .finalize();
+        u64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
+    };
+    let mut order: Vec<(u64, usize)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (weight(n.as_ref()), i))
+        .collect();
+    order.sort_by(|a, b| b.cmp(a));
+    order.into_iter().map(|(_, i)| i).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_moves_only_the_removed_trackers_digests() {
+        let trackers: Vec<String> = (0..5).map(|i| format!("http://t{i}:6880/")).collect();
+        let keys: Vec<String> = (0..2000).map(|i| format!("sha256:{i:064x}")).collect();
+        let owner = |ts: &[String], k: &str| ts[rendezvous(ts, k)[0]].clone();
+        let before: Vec<String> = keys.iter().map(|k| owner(&trackers, k)).collect();
+        // Roughly balanced.
+        for t in &trackers {
+            let n = before.iter().filter(|o| *o == t).count();
+            assert!((250..550).contains(&n), "{t} owns {n} of 2000");
+        }
+        let removed = &trackers[2];
+        let rest: Vec<String> = trackers.iter().filter(|t| *t != removed).cloned().collect();
+        for (k, old) in keys.iter().zip(&before) {
+            let new = owner(&rest, k);
+            if old != removed {
+                assert_eq!(&new, old, "{k} moved although its owner stayed");
+            }
+        }
+        // Order is stable and complete.
+        let r = rendezvous(&trackers, &keys[0]);
+        assert_eq!(r, rendezvous(&trackers, &keys[0]));
+        let mut sorted = r.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn failed_trackers_go_last() {
+        let urls: Vec<url::Url> = (0..3)
+            .map(|i| format!("http://t{i}:6880/").parse().unwrap())
+            .collect();
+        let t = Trackers::new(urls).unwrap();
+        let d = Digest::sha256_of(b"x");
+        let first = t.ranked(&d)[0];
+        t.mark(first, false);
+        assert_eq!(*t.ranked(&d).last().unwrap(), first);
+        t.mark(first, true);
+        assert_eq!(t.ranked(&d)[0], first);
+    }
+}

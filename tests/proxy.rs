@@ -1,0 +1,333 @@
+//! bay-proxy end to end: real docker-registry upstream, real tracker and proxies on their own
+//! loopback addresses, skopeo as the client.
+
+use std::time::Duration;
+
+use bay_tests::{
+    Image, Proxy, Registry, RegistryOptions, Tracker, http_client, sha256_file, skopeo_pull,
+};
+use reqwest::StatusCode;
+
+/// Every blob skopeo stored in a `dir:` copy matches its digest and the image's.
+fn check_dir_copy(dir: &std::path::Path, image: &Image) {
+    for blob in image.layers.iter().chain([&image.config]) {
+        let hex = blob.digest.trim_start_matches("sha256:");
+        let path = dir.join(hex);
+        assert!(path.exists(), "{} missing from the copy", blob.digest);
+        assert_eq!(sha256_file(&path).unwrap(), blob.digest);
+    }
+}
+
+struct Cluster {
+    registry: Registry,
+    image: Image,
+    tracker: Tracker,
+}
+
+async fn cluster(layers: &[u64], tracker_args: &[&str]) -> Cluster {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let image = Image::generate(layers, 11).unwrap();
+    image.push(&registry, "test/img:1", None).await.unwrap();
+    let tracker = Tracker::start(&[registry.url()], tracker_args)
+        .await
+        .unwrap();
+    Cluster {
+        registry,
+        image,
+        tracker,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_proxy_gets_blobs_from_the_first_and_upstream_sends_each_once() {
+    let c = cluster(&[8 << 20, 3 << 20, 200_000], &[]).await;
+    let trackers = [c.tracker.url()];
+    let a = Proxy::start(&trackers, &c.registry.url(), &[])
+        .await
+        .unwrap();
+    let b = Proxy::start(&trackers, &c.registry.url(), &[])
+        .await
+        .unwrap();
+
+    let out_a = tempfile::tempdir().unwrap();
+    skopeo_pull(&a.authority(), "test/img:1", out_a.path(), None)
+        .await
+        .unwrap();
+    check_dir_copy(out_a.path(), &c.image);
+    a.wait_held(4, Duration::from_secs(30)).await.unwrap();
+    let out_b = tempfile::tempdir().unwrap();
+    skopeo_pull(&b.authority(), "test/img:1", out_b.path(), None)
+        .await
+        .unwrap();
+    check_dir_copy(out_b.path(), &c.image);
+
+    for blob in c.image.layers.iter().chain([&c.image.config]) {
+        assert_eq!(
+            c.registry.blob_gets(&blob.digest),
+            1,
+            "{} must leave upstream exactly once (by the tracker)",
+            blob.digest
+        );
+    }
+    let settle = Duration::from_secs(30);
+    let sa = a.wait_held(4, settle).await.unwrap();
+    let sb = b.wait_held(4, settle).await.unwrap();
+    assert_eq!(sa["fallbacks"], 0, "{sa}");
+    assert_eq!(sb["fallbacks"], 0, "{sb}");
+    assert_eq!(sa["swarm_downloads"], 4, "{sa}");
+    assert!(
+        sb["bytes_from_peers"].as_u64().unwrap() > 0,
+        "proxy B got nothing from proxy A: {sb}"
+    );
+
+    // A second pull through A is served from its cache.
+    let again = tempfile::tempdir().unwrap();
+    skopeo_pull(&a.authority(), "test/img:1", again.path(), None)
+        .await
+        .unwrap();
+    check_dir_copy(again.path(), &c.image);
+    let sa = a.stats().await.unwrap();
+    assert_eq!(sa["cache_hits"], 4, "{sa}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_pass_through_byte_for_byte_and_pushes_land_upstream() {
+    let c = cluster(&[100_000], &[]).await;
+    let p = Proxy::start(&[c.tracker.url()], &c.registry.url(), &[])
+        .await
+        .unwrap();
+    let client = http_client();
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let get = |base: String| {
+            client
+                .request(method.clone(), format!("{base}/v2/test/img/manifests/1"))
+                .header("accept", accept)
+                .send()
+        };
+        let direct = get(c.registry.url()).await.unwrap();
+        let proxied = get(p.url()).await.unwrap();
+        assert_eq!(proxied.status(), direct.status());
+        for h in ["docker-content-digest", "content-type", "content-length"] {
+            assert_eq!(
+                proxied.headers().get(h),
+                direct.headers().get(h),
+                "{method} {h}"
+            );
+        }
+        assert_eq!(
+            proxied.bytes().await.unwrap(),
+            direct.bytes().await.unwrap(),
+            "{method}"
+        );
+    }
+
+    // Blob HEAD passes through with upstream's headers.
+    let layer = &c.image.layers[0];
+    let head = client
+        .head(format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()["content-length"],
+        layer.size.to_string().as_str()
+    );
+
+    // A push through the proxy lands upstream.
+    let pushed = Image::generate(&[50_000, 70_000], 99).unwrap();
+    pushed
+        .push_to(&p.authority(), "test/pushed:7", None)
+        .await
+        .unwrap();
+    let r = client
+        .get(format!("{}/v2/test/pushed/manifests/7", c.registry.url()))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()["docker-content-digest"],
+        pushed.manifest.digest.as_str()
+    );
+
+    // Registry errors for what the proxy refuses.
+    let r = client
+        .get(format!("{}/v2/test/img/blobs/sha256:zz", p.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "DIGEST_INVALID");
+    let r = client
+        .get(format!("{}/v2/", p.url()))
+        .header("host", "p2p-evil.example:5000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["detail"]["registry"], "evil.example:5000");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ranges_and_unknown_blobs() {
+    let c = cluster(&[1 << 20], &[]).await;
+    let p = Proxy::start(&[c.tracker.url()], &c.registry.url(), &[])
+        .await
+        .unwrap();
+    let layer = &c.image.layers[0];
+    let bytes = c.image.blob_bytes(&layer.digest).unwrap();
+    let url = format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest);
+    let client = http_client();
+    let r = client
+        .get(&url)
+        .header("range", "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 1000-1999/{}", bytes.len()).as_str()
+    );
+    assert_eq!(r.bytes().await.unwrap(), &bytes[1000..2000]);
+    let r = client
+        .get(&url)
+        .header("range", format!("bytes={}-", bytes.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    let missing = format!("sha256:{}", "1".repeat(64));
+    let r = client
+        .get(format!("{}/v2/test/img/blobs/{missing}", p.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(c.registry.blob_gets(&layer.digest), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_succeeds_through_fallback_when_the_tracker_is_dead() {
+    let mut c = cluster(&[2 << 20, 100_000], &[]).await;
+    let p = Proxy::start(
+        &[c.tracker.url()],
+        &c.registry.url(),
+        &["--stall-timeout", "2"],
+    )
+    .await
+    .unwrap();
+    c.tracker.kill();
+    let out = tempfile::tempdir().unwrap();
+    skopeo_pull(&p.authority(), "test/img:1", out.path(), None)
+        .await
+        .unwrap();
+    check_dir_copy(out.path(), &c.image);
+    let s = p.stats().await.unwrap();
+    assert!(s["fallbacks"].as_u64().unwrap() >= 3, "{s}");
+    assert!(
+        p.log_text().contains("streaming from upstream"),
+        "the fallback is logged"
+    );
+    // What came from upstream was verified and cached: a second pull needs no upstream.
+    let gets_before: usize = c
+        .image
+        .layers
+        .iter()
+        .map(|l| c.registry.blob_gets(&l.digest))
+        .sum();
+    let again = tempfile::tempdir().unwrap();
+    skopeo_pull(&p.authority(), "test/img:1", again.path(), None)
+        .await
+        .unwrap();
+    let gets_after: usize = c
+        .image
+        .layers
+        .iter()
+        .map(|l| c.registry.blob_gets(&l.digest))
+        .sum();
+    assert_eq!(gets_before, gets_after);
+}
+
+/// Four proxies pull one 64 MiB blob at the same moment, every BitTorrent uploader limited to
+/// 16 MiB/s: the proxies must trade pieces, so the tracker's seed sends at most twice the blob.
+#[tokio::test(flavor = "multi_thread")]
+async fn simultaneous_pulls_swarm() {
+    let limit = ["--upload-limit", "16M"];
+    let c = cluster(&[64 << 20], &limit).await;
+    let layer = c.image.layers[0].clone();
+    let trackers = [c.tracker.url()];
+    let mut proxies = Vec::new();
+    for _ in 0..4 {
+        proxies.push(
+            Proxy::start(
+                &trackers,
+                &c.registry.url(),
+                &["--upload-limit", "16M", "--stall-timeout", "30"],
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    // Let the tracker hold the blob first, so the four start their swarm downloads together.
+    let r = http_client()
+        .get(format!(
+            "{}/v1/torrents/{}/test/img/blobs/{}",
+            c.tracker.url(),
+            c.registry.authority(),
+            layer.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let started = std::time::Instant::now();
+    let pulls = proxies.iter().map(|p| {
+        let url = format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest);
+        async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(300))
+                .no_proxy()
+                .build()
+                .unwrap();
+            let bytes = client.get(url).send().await.unwrap().bytes().await.unwrap();
+            (
+                bay_common::Digest::sha256_of(&bytes).to_string(),
+                started.elapsed(),
+            )
+        }
+    });
+    let results = futures::future::join_all(pulls).await;
+    for (digest, _) in &results {
+        assert_eq!(digest, &layer.digest);
+    }
+    let tracker_stats: serde_json::Value = http_client()
+        .get(format!("{}/v1/stats", c.tracker.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let seed_up = tracker_stats["seed_uploaded_bytes"].as_u64().unwrap();
+    let mut from_peers = 0;
+    for p in &proxies {
+        let s = p.wait_held(1, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(s["fallbacks"], 0, "{s}");
+        from_peers += s["bytes_from_peers"].as_u64().unwrap();
+    }
+    let ratio = seed_up as f64 / layer.size as f64;
+    eprintln!(
+        "4 proxies, 64 MiB at 16 MiB/s per uploader: seed uploaded {ratio:.2}x the blob, proxies got {} MiB from each other, times {:?}",
+        from_peers >> 20,
+        results.iter().map(|r| r.1).collect::<Vec<_>>()
+    );
+    assert!(from_peers > 0, "proxies exchanged nothing");
+    assert!(ratio <= 2.0, "seed uploaded {ratio:.2}x the blob");
+    assert_eq!(c.registry.blob_gets(&layer.digest), 1);
+}
