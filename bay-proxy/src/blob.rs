@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,6 +71,9 @@ struct Download {
     handle: Handle,
     /// None while running; Some(true) once verified and cached, Some(false) if it failed.
     outcome: watch::Sender<Option<bool>>,
+    /// Set while another tracker is being asked to seed the blob because the swarm stalled
+    /// (its seed died); clients wait for that rather than all going upstream.
+    recovering: std::sync::atomic::AtomicBool,
 }
 
 pub struct Blobs {
@@ -246,6 +249,7 @@ impl Blobs {
             torrent,
             handle,
             outcome,
+            recovering: Default::default(),
         });
         {
             let mut map = self.downloads.lock().expect("poisoned");
@@ -259,10 +263,12 @@ impl Blobs {
             .fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
         let d = download.clone();
-        let trackers = tracker_ips(&fetched.from);
+        let trackers = self.trackers.ips();
+        let req = req.clone();
+        let span_req = req.clone();
         tokio::spawn(
-            async move { this.supervise(d, trackers).await }.instrument(
-                tracing::info_span!("download", digest = %req.digest, repo = %req.name),
+            async move { this.supervise(d, req, trackers).await }.instrument(
+                tracing::info_span!("download", digest = %span_req.digest, repo = %span_req.name),
             ),
         );
         Ok(download)
@@ -270,7 +276,12 @@ impl Blobs {
 
     /// Drives a download to its end: prioritises this node's slice, wakes idle requesters,
     /// gives up when the swarm stalls, and on completion verifies, caches and keeps seeding.
-    async fn supervise(self: Arc<Self>, d: Arc<Download>, tracker_ips: Vec<IpAddr>) {
+    async fn supervise(
+        self: Arc<Self>,
+        d: Arc<Download>,
+        req: BlobRequest,
+        tracker_ips: Vec<IpAddr>,
+    ) {
         let started = Instant::now();
         let ih = d.torrent.info_hash();
         let stop = self.stop.child_token();
@@ -278,6 +289,7 @@ impl Blobs {
         let pieces = d.torrent.piece_count();
         let mut slice: Option<(f64, f64, CancellationToken)> = None;
         let mut last_progress = (0u64, Instant::now());
+        let mut last_recovery: Option<Instant> = None;
         let mut wake_tick = tokio::time::interval(WAKE_EVERY);
         let mut slot_tick = tokio::time::interval(SLOT_EVERY);
         let give_up = (self.stall_timeout * 6).max(Duration::from_secs(30));
@@ -288,7 +300,33 @@ impl Blobs {
             }
             if stats.progress_bytes > last_progress.0 {
                 last_progress = (stats.progress_bytes, Instant::now());
-            } else if last_progress.1.elapsed() > give_up {
+            } else if last_progress.1.elapsed() > self.stall_timeout / 2
+                && last_recovery.is_none_or(|t: Instant| t.elapsed() > self.stall_timeout * 2)
+            {
+                // Nobody is sending: the seed may be gone with its tracker. Asking the next
+                // tracker for the torrent makes it fetch and seed the blob (once, for every
+                // proxy), and our announces to it find that seed.
+                last_recovery = Some(Instant::now());
+                d.recovering.store(true, Ordering::Relaxed);
+                let (this, d2, req) = (self.clone(), d.clone(), req.clone());
+                tokio::spawn(async move {
+                    tracing::warn!("swarm stalled, asking the trackers to seed the blob again");
+                    let r = this
+                        .trackers
+                        .torrent(
+                            &req.registry,
+                            &req.name,
+                            &req.digest,
+                            req.authorization.as_ref(),
+                        )
+                        .await;
+                    if let Err(e) = r {
+                        tracing::warn!("no tracker could seed the blob again: {e}");
+                    }
+                    d2.recovering.store(false, Ordering::Relaxed);
+                });
+            }
+            if last_progress.1.elapsed() > give_up {
                 tracing::warn!(
                     progress = stats.progress_bytes,
                     "swarm made no progress for {give_up:?}, giving up"
@@ -325,15 +363,10 @@ impl Blobs {
         self.counters
             .bytes_from_peers
             .fetch_add(from_peers, Ordering::Relaxed);
-        let ok = finished
-            && self
-                .keep(
-                    &d.torrent,
-                    &self.store.tmp_dir().join(d.torrent.file_name()),
-                )
-                .await;
+        let ok = finished && self.keep(&d.torrent).await;
         if !ok {
-            self.swarm.remove(ih, true).await;
+            self.swarm.remove(ih, false).await;
+            let _ = tokio::fs::remove_file(self.store.tmp_dir().join(d.torrent.file_name())).await;
         }
         self.downloads
             .lock()
@@ -354,8 +387,16 @@ impl Blobs {
 
     /// Verifies a complete file and makes it a cached blob: linked into `blobs/` (the swarm
     /// keeps seeding the same inode), then recorded, evicting what no longer fits.
-    async fn keep(&self, torrent: &Arc<BlobTorrent>, file: &Path) -> bool {
+    async fn keep(&self, torrent: &Arc<BlobTorrent>) -> bool {
         let digest = torrent.digest();
+        let file = &self.store.tmp_dir().join(torrent.file_name());
+        let dest = self.store.blob_path(digest);
+        if !tokio::fs::try_exists(file).await.unwrap_or(false) {
+            // The session already had this torrent seeding from the cache (a restart's
+            // re-seed raced with this download): nothing to move.
+            return self.store.get(digest).is_some()
+                || matches!(verify_file(&dest, digest).await, Ok(t) if t.info_hash() == torrent.info_hash());
+        }
         match verify_file(file, digest).await {
             Ok(t) if t.info_hash() == torrent.info_hash() => {}
             Ok(_) => {
@@ -367,7 +408,6 @@ impl Blobs {
                 return false;
             }
         }
-        let dest = self.store.blob_path(digest);
         let staged = self.store.temp_path();
         let linked = tokio::fs::hard_link(file, &staged).await;
         if let Err(e) = linked.and(tokio::fs::rename(&staged, &dest).await) {
@@ -523,18 +563,6 @@ impl Blobs {
 enum Start {
     Refused(Box<bay_common::upstream::Refusal>),
     Failed(String),
-}
-
-/// The IPs of the trackers, whose seeds we count apart from other proxies.
-fn tracker_ips(url: &url::Url) -> Vec<IpAddr> {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
-        Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
-        Some(url::Host::Domain(d)) => std::net::ToSocketAddrs::to_socket_addrs(&(d, 0))
-            .map(|it| it.map(|a| a.ip()).collect())
-            .unwrap_or_default(),
-        None => vec![],
-    }
 }
 
 /// (bytes from tracker seeds, bytes from other peers) of a torrent so far.
@@ -865,6 +893,11 @@ impl VerifyingBody {
                             if progress > *last_progress {
                                 // Pieces are arriving, just not ours yet.
                                 *last_progress = progress;
+                                continue;
+                            }
+                            if download.recovering.load(Ordering::Relaxed) {
+                                // Another tracker is fetching the blob to seed it; that costs
+                                // upstream one GET instead of one per proxy.
                                 continue;
                             }
                             tracing::warn!(

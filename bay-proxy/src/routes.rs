@@ -26,6 +26,7 @@ pub struct AppState {
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/_bay/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(|| async { "ok\n" }))
         .route("/_bay/stats", get(stats))
         .fallback(registry)
         .layer(tower_http::trace::TraceLayer::new_for_http())

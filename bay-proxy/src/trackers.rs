@@ -68,6 +68,25 @@ impl Trackers {
             .collect()
     }
 
+    /// The trackers' IP addresses, to tell their seeds from other proxies in peer statistics.
+    pub fn ips(&self) -> Vec<std::net::IpAddr> {
+        let mut ips = Vec::new();
+        for u in &self.urls {
+            match u.host() {
+                Some(url::Host::Ipv4(ip)) => ips.push(ip.into()),
+                Some(url::Host::Ipv6(ip)) => ips.push(ip.into()),
+                Some(url::Host::Domain(d)) => {
+                    let port = u.port_or_known_default().unwrap_or(80);
+                    if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(&(d, port)) {
+                        ips.extend(addrs.map(|a| a.ip()));
+                    }
+                }
+                None => {}
+            }
+        }
+        ips
+    }
+
     /// Tracker indices in the order to ask for `digest`: rendezvous rank, with trackers that
     /// failed in the last [`COOL_DOWN`] moved to the back.
     pub fn ranked(&self, digest: &Digest) -> Vec<usize> {
