@@ -52,4 +52,17 @@ mod tests {
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_size_never_panics(s in "\\PC{0,30}") {
+            let _ = parse_size(&s);
+        }
+
+        #[test]
+        fn parse_size_units(n in 0u64..(1 << 20), unit in 0usize..5) {
+            let suffix = ["", "K", "M", "G", "T"][unit];
+            proptest::prop_assert_eq!(parse_size(&format!("{n}{suffix}")).unwrap(), n << (10 * unit));
+        }
+    }
 }

@@ -358,4 +358,19 @@ mod tests {
             Err(TorrentError::NotCanonical { .. })
         ));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn metainfo_parse_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = BlobTorrent::from_metainfo(&bytes);
+        }
+
+        #[test]
+        fn piece_count_covers_the_blob(size in 1u64..(1 << 42)) {
+            let pl = piece_length_for(size) as u64;
+            let pieces = size.div_ceil(pl);
+            proptest::prop_assert!(pl.is_power_of_two());
+            proptest::prop_assert!(pieces <= TARGET_MAX_PIECES || pl == MAX_PIECE_LENGTH as u64);
+        }
+    }
 }

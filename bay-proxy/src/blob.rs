@@ -36,6 +36,8 @@ use crate::wake;
 const CHUNK: usize = 256 * 1024;
 /// How often the idle requesters of a running download are woken (200 ms measured best).
 const WAKE_EVERY: Duration = Duration::from_millis(200);
+/// How often a running download reports its progress in the log.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// How often this node asks the tracker which slice of a blob to fetch first.
 const SLOT_EVERY: Duration = Duration::from_secs(1);
 
@@ -293,6 +295,9 @@ impl Blobs {
         let mut wake_tick = tokio::time::interval(WAKE_EVERY);
         let mut slot_tick = tokio::time::interval(SLOT_EVERY);
         let give_up = (self.stall_timeout * 6).max(Duration::from_secs(30));
+        let mut progress_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let mut reported = (0u64, Instant::now());
         let finished = loop {
             let stats = d.handle.stats();
             if stats.finished {
@@ -337,6 +342,18 @@ impl Blobs {
                 _ = stop.cancelled() => break false,
                 _ = wake_tick.tick() => {
                     let _ = wake::nudge(peer, ih, pieces).await;
+                }
+                _ = progress_tick.tick() => {
+                    let st = d.handle.stats();
+                    let rate = (st.progress_bytes - reported.0) as f64
+                        / reported.1.elapsed().as_secs_f64().max(0.001);
+                    reported = (st.progress_bytes, Instant::now());
+                    tracing::info!(
+                        percent = format!("{:.1}", 100.0 * st.progress_bytes as f64 / st.total_bytes.max(1) as f64),
+                        mib_per_s = format!("{:.1}", rate / (1 << 20) as f64),
+                        peers = st.live.as_ref().map_or(0, |l| l.snapshot.peer_stats.live),
+                        "downloading"
+                    );
                 }
                 _ = slot_tick.tick() => {
                     if let Some(s) = self.trackers.slot(ih, self.swarm.peer_port()).await

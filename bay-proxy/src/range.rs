@@ -125,4 +125,25 @@ mod tests {
             Err(RangeError::Unsatisfiable)
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parsed_ranges_lie_inside_the_blob(h in "\\PC{0,30}", size in 0u64..10_000) {
+            if let Ok(r) = ByteRange::parse(&h, size) {
+                proptest::prop_assert!(r.start <= r.end && r.end < size);
+            }
+        }
+
+        #[test]
+        fn well_formed_ranges_parse(a in 0u64..20_000, len in 1u64..20_000, size in 1u64..10_000) {
+            let r = ByteRange::parse(&format!("bytes={a}-{}", a + len - 1), size);
+            if a < size {
+                let r = r.unwrap();
+                proptest::prop_assert_eq!(r.start, a);
+                proptest::prop_assert_eq!(r.end, (a + len - 1).min(size - 1));
+            } else {
+                proptest::prop_assert_eq!(r, Err(RangeError::Unsatisfiable));
+            }
+        }
+    }
 }
