@@ -340,3 +340,41 @@ async fn cache_size_evicts_least_recently_requested() {
     assert_eq!(get(&b).await.unwrap().status(), StatusCode::OK);
     assert_eq!(registry.blob_gets(&b), 2);
 }
+
+/// The info hash the tracker announces in its header, ours, aria2's and Transmission's agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn standard_clients_agree_on_the_info_hash() {
+    // 2 pieces exactly: the size librqbit's own torrent maker gets wrong.
+    let (registry, image, tracker) = setup(&[512 * 1024 - 1536], &[]).await;
+    let layer = &image.layers[0];
+    assert_eq!(layer.size, 512 * 1024);
+    let resp = http_client()
+        .get(torrent_url(&tracker, &registry, "test/img", &layer.digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let header = resp.headers()[bay_common::api::INFO_HASH_HEADER]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let bytes = resp.bytes().await.unwrap();
+    let ours = BlobTorrent::from_metainfo(&bytes).unwrap();
+    assert_eq!(ours.piece_count(), 2);
+    assert_eq!(ours.info_hash().to_hex(), header);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("blob.torrent");
+    std::fs::write(&file, &bytes).unwrap();
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(cmd).args(args).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_lowercase()
+    };
+    let aria2 = run("aria2c", &["--show-files".as_ref(), file.as_os_str()]);
+    assert!(aria2.contains(&format!("info hash: {header}")), "{aria2}");
+    let transmission = run("transmission-show", &[file.as_os_str()]);
+    assert!(
+        transmission.contains(&format!("hash: {header}")),
+        "{transmission}"
+    );
+}
