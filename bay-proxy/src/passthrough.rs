@@ -66,6 +66,8 @@ impl Passthrough {
         let builder = || {
             reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(bay_common::upstream::IDLE_PER_HOST)
+                .pool_idle_timeout(bay_common::upstream::IDLE_TIMEOUT)
                 .connect_timeout(connect)
                 // Bodies are relayed as bytes: manifests are digested as sent, and
                 // Content-Length must keep describing what is relayed. These are no-ops

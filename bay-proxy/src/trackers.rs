@@ -48,6 +48,8 @@ pub struct Fetched {
 impl Trackers {
     pub fn new(urls: Vec<url::Url>) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(bay_common::upstream::IDLE_PER_HOST)
+            .pool_idle_timeout(bay_common::upstream::IDLE_TIMEOUT)
             .connect_timeout(Duration::from_secs(3))
             .read_timeout(TORRENT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())

@@ -1,7 +1,7 @@
 //! Registry auth: what a client presents, `WWW-Authenticate` challenges, and cached tokens.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderValue;
@@ -123,6 +123,8 @@ impl Challenge {
 #[derive(Default)]
 pub(crate) struct TokenCache {
     tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// Held while a token is fetched, so concurrent misses for a key wait for that one fetch.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl TokenCache {
@@ -147,6 +149,15 @@ impl TokenCache {
             }
             None => None,
         }
+    }
+
+    /// The lock a token fetch for `key` holds.
+    pub(crate) fn fetch_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.fetching.lock().expect("token cache poisoned");
+        if map.len() > 1_000 {
+            map.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        map.entry(key.to_string()).or_default().clone()
     }
 
     pub(crate) fn put(&self, key: String, token: String, lifetime: Duration) {
@@ -217,5 +228,30 @@ mod tests {
         assert_eq!(cache.get("k").as_deref(), Some("t"));
         cache.put("k".into(), "t".into(), Duration::ZERO);
         assert_eq!(cache.get("k"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn challenge_parse_never_panics(s in "\\PC{0,200}") {
+            let _ = Challenge::parse(&s);
+        }
+
+        #[test]
+        fn challenge_round_trips(
+            realm in "[ -~]{0,40}",
+            service in "[a-z0-9.:-]{1,20}",
+            scope in "[a-z0-9/:,_-]{1,40}",
+        ) {
+            let quote = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+            let h = format!(
+                r#"Bearer realm="{}",service="{}",scope="{}""#,
+                quote(&realm), quote(&service), quote(&scope)
+            );
+            let c = Challenge::parse(&h).unwrap();
+            proptest::prop_assert_eq!(c.scheme.as_str(), "bearer");
+            proptest::prop_assert_eq!(c.realm(), Some(realm.as_str()));
+            proptest::prop_assert_eq!(&c.params["service"], &service);
+            proptest::prop_assert_eq!(&c.params["scope"], &scope);
+        }
     }
 }

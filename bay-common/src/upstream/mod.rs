@@ -111,6 +111,11 @@ pub struct BlobHead {
     pub redirected: bool,
 }
 
+/// Idle keep-alive connections kept per host and for how long: a burst of pulls must not
+/// leave hundreds of sockets open for a minute and a half (reqwest's defaults).
+pub const IDLE_PER_HOST: usize = 4;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct UpstreamClient {
     follow: reqwest::Client,
     no_follow: reqwest::Client,
@@ -131,6 +136,8 @@ impl UpstreamClient {
         let build = |policy| {
             reqwest::Client::builder()
                 .user_agent(opts.user_agent.clone())
+                .pool_max_idle_per_host(IDLE_PER_HOST)
+                .pool_idle_timeout(IDLE_TIMEOUT)
                 .connect_timeout(opts.connect_timeout)
                 .read_timeout(opts.read_timeout)
                 .redirect(policy)
@@ -316,6 +323,19 @@ impl UpstreamClient {
         if let Some(t) = self.tokens.get(&key) {
             return Ok(t);
         }
+        // A burst of misses costs one token request: the others wait for it. If it fails,
+        // they each try on their own rather than queue behind one another.
+        let gate = self.tokens.fetch_lock(&key);
+        let _fetching = match gate.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                drop(gate.lock().await);
+                if let Some(t) = self.tokens.get(&key) {
+                    return Ok(t);
+                }
+                None
+            }
+        };
         let realm = challenge.realm().unwrap_or_default().to_string();
         let fail = |why: String| UpstreamError::Token {
             realm: realm.clone(),
