@@ -250,9 +250,18 @@ impl UpstreamClient {
             && !matches!(creds, Credentials::Forward(_))
         {
             match self.answer_challenge(&resp, creds).await? {
-                Some(auth) => attempt(Some(auth))
-                    .await
-                    .map_err(|e| UpstreamError::transport(url, e))?,
+                Some(auth) => {
+                    let retry = attempt(Some(auth))
+                        .await
+                        .map_err(|e| UpstreamError::transport(url, e))?;
+                    // Still refused: relay the first challenge, as a client asking upstream
+                    // directly would see it (the retry's names our token's scope error).
+                    if retry.status() == StatusCode::UNAUTHORIZED {
+                        resp
+                    } else {
+                        retry
+                    }
+                }
                 None => resp,
             }
         } else {
