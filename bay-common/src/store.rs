@@ -155,6 +155,15 @@ impl Store {
         victims
     }
 
+    /// Forgets a held blob (its file was found damaged); returns its torrent if it was held.
+    pub fn remove(&self, digest: &Digest) -> Option<Arc<BlobTorrent>> {
+        let mut ix = self.index.lock().expect("store index poisoned");
+        let e = ix.blobs.remove(digest)?;
+        ix.bytes -= e.torrent.size();
+        ix.by_info_hash.remove(&e.torrent.info_hash());
+        Some(e.torrent)
+    }
+
     /// (blobs, bytes) held.
     pub fn usage(&self) -> (u64, u64) {
         let ix = self.index.lock().expect("store index poisoned");
@@ -231,6 +240,10 @@ mod tests {
         assert!(store.get(b.digest()).is_none());
         assert!(store.holds(&a.info_hash()) && !store.holds(&b.info_hash()));
         assert_eq!(store.usage(), (2, 1000 + 1002));
+        assert_eq!(store.remove(a.digest()), Some(a.clone()));
+        assert_eq!(store.remove(a.digest()), None);
+        assert!(store.get(a.digest()).is_none() && !store.holds(&a.info_hash()));
+        assert_eq!(store.usage(), (1, 1002));
     }
 
     #[test]

@@ -169,11 +169,20 @@ impl Blobs {
             })?;
             return self.serve_file(&req.digest, t.size(), Some(range)).await;
         }
-        let body = match download {
-            Some(d) => {
-                let reader = Swarm::open(&d.handle, 0)
-                    .await
-                    .map_err(|e| ProxyError::Io(std::io::Error::other(e.to_string())))?;
+        // A download whose torrent already failed (a full disk, say) cannot be streamed: its
+        // clients go to upstream like those without a swarm.
+        let streamable = match download {
+            Some(d) => match Swarm::open(&d.handle, 0).await {
+                Ok(reader) => Some((d, reader)),
+                Err(e) => {
+                    tracing::warn!("swarm download unusable, streaming from upstream: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let body = match streamable {
+            Some((d, reader)) => {
                 let size = d.torrent.size();
                 VerifyingBody::new(
                     self.clone(),
@@ -302,6 +311,14 @@ impl Blobs {
             let stats = d.handle.stats();
             if stats.finished {
                 break true;
+            }
+            if let Some(e) = &stats.error {
+                // librqbit stopped the torrent for good (e.g. it could not write a piece).
+                tracing::warn!(
+                    progress = stats.progress_bytes,
+                    "swarm download failed, giving up: {e}"
+                );
+                break false;
             }
             if stats.progress_bytes > last_progress.0 {
                 last_progress = (stats.progress_bytes, Instant::now());
@@ -434,6 +451,18 @@ impl Blobs {
         }
         self.record(torrent.clone()).await;
         true
+    }
+
+    /// Drops a cached blob whose file no longer matches its digest.
+    async fn discard(&self, digest: &Digest) {
+        let Some(t) = self.store.remove(digest) else {
+            return;
+        };
+        tracing::warn!(digest = %digest, "discarding cached blob that failed verification");
+        self.swarm.remove(t.info_hash(), false).await;
+        for dir in [self.store.blob_dir(), self.store.tmp_dir()] {
+            let _ = tokio::fs::remove_file(dir.join(t.file_name())).await;
+        }
     }
 
     async fn record(&self, torrent: Arc<BlobTorrent>) {
@@ -791,6 +820,11 @@ impl VerifyingBody {
         let got = self.verifier.take().expect("finished once").finish();
         if got != self.digest {
             tracing::error!(got = %got, "blob failed verification; cutting the response short");
+            if matches!(self.source, Source::File { .. }) {
+                // The cached copy went bad on disk: stop serving and seeding it, so the next
+                // request fetches the blob again.
+                self.blobs.discard(&self.digest).await;
+            }
             return Some(Err(std::io::Error::other(format!(
                 "{} failed verification",
                 self.digest
