@@ -185,6 +185,31 @@ pub enum VerifyError {
     },
 }
 
+/// Checks a file has `digest` (sha256/sha512 only, for files whose pieces were already checked
+/// against their torrent).
+pub async fn verify_digest(path: &Path, digest: &Digest) -> Result<(), VerifyError> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut verifier = digest.verifier();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        verifier.update(&buf[..n]);
+    }
+    let got = verifier.finish();
+    if &got != digest {
+        return Err(VerifyError::Mismatch {
+            path: path.display().to_string(),
+            want: digest.clone(),
+            got,
+        });
+    }
+    Ok(())
+}
+
 /// Hashes a file completely: checks it has `digest` and builds its torrent in the same pass.
 pub async fn verify_file(path: &Path, digest: &Digest) -> Result<BlobTorrent, VerifyError> {
     use tokio::io::AsyncReadExt;
@@ -266,6 +291,11 @@ mod tests {
         let other = Digest::sha256_of(b"other");
         assert!(matches!(
             verify_file(&p, &other).await,
+            Err(VerifyError::Mismatch { .. })
+        ));
+        assert!(verify_digest(&p, &d).await.is_ok());
+        assert!(matches!(
+            verify_digest(&p, &other).await,
             Err(VerifyError::Mismatch { .. })
         ));
     }

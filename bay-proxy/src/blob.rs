@@ -17,7 +17,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bay_common::access::AccessCache;
 use bay_common::api::ProxyStats;
-use bay_common::store::{Store, verify_file};
+use bay_common::store::{Store, verify_digest, verify_file};
 use bay_common::torrent::{BlobTorrent, TorrentBuilder};
 use bay_common::upstream::{Credentials, UpstreamClient};
 use bay_common::{Digest, Registry, RepositoryName, Verifier};
@@ -76,6 +76,9 @@ struct Download {
     /// Set while another tracker is being asked to seed the blob because the swarm stalled
     /// (its seed died); clients wait for that rather than all going upstream.
     recovering: std::sync::atomic::AtomicBool,
+    /// Set when a client stream read the whole blob from the swarm and its digest matched:
+    /// the file needs no second read before it is cached.
+    stream_verified: std::sync::atomic::AtomicBool,
 }
 
 pub struct Blobs {
@@ -261,6 +264,7 @@ impl Blobs {
             handle,
             outcome,
             recovering: Default::default(),
+            stream_verified: Default::default(),
         });
         {
             let mut map = self.downloads.lock().expect("poisoned");
@@ -397,7 +401,7 @@ impl Blobs {
         self.counters
             .bytes_from_peers
             .fetch_add(from_peers, Ordering::Relaxed);
-        let ok = finished && self.keep(&d.torrent).await;
+        let ok = finished && self.keep(&d).await;
         if !ok {
             self.swarm.remove(ih, false).await;
             let _ = tokio::fs::remove_file(self.store.tmp_dir().join(d.torrent.file_name())).await;
@@ -421,7 +425,8 @@ impl Blobs {
 
     /// Verifies a complete file and makes it a cached blob: linked into `blobs/` (the swarm
     /// keeps seeding the same inode), then recorded, evicting what no longer fits.
-    async fn keep(&self, torrent: &Arc<BlobTorrent>) -> bool {
+    async fn keep(&self, d: &Download) -> bool {
+        let torrent = &d.torrent;
         let digest = torrent.digest();
         let file = &self.store.tmp_dir().join(torrent.file_name());
         let dest = self.store.blob_path(digest);
@@ -431,16 +436,13 @@ impl Blobs {
             return self.store.get(digest).is_some()
                 || matches!(verify_file(&dest, digest).await, Ok(t) if t.info_hash() == torrent.info_hash());
         }
-        match verify_file(file, digest).await {
-            Ok(t) if t.info_hash() == torrent.info_hash() => {}
-            Ok(_) => {
-                tracing::error!("blob verified but its torrent differs; not caching");
-                return false;
-            }
-            Err(e) => {
-                tracing::error!("downloaded blob failed verification, discarding: {e}");
-                return false;
-            }
+        // librqbit checked every piece against the torrent; the digest is checked here unless
+        // a client stream already hashed the whole file.
+        if !d.stream_verified.load(Ordering::Relaxed)
+            && let Err(e) = verify_digest(file, digest).await
+        {
+            tracing::error!("downloaded blob failed verification, discarding: {e}");
+            return false;
         }
         let staged = self.store.temp_path();
         let linked = tokio::fs::hard_link(file, &staged).await;
@@ -818,6 +820,11 @@ impl VerifyingBody {
 
     async fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
         let got = self.verifier.take().expect("finished once").finish();
+        if let Source::Swarm { download, .. } = &self.source
+            && got == self.digest
+        {
+            download.stream_verified.store(true, Ordering::Relaxed);
+        }
         if got != self.digest {
             tracing::error!(got = %got, "blob failed verification; cutting the response short");
             if matches!(self.source, Source::File { .. }) {
