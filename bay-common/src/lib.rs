@@ -7,6 +7,7 @@ pub mod api;
 pub mod digest;
 pub mod flags;
 pub mod reference;
+pub mod serve;
 pub mod shutdown;
 pub mod store;
 pub mod torrent;

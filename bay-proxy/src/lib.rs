@@ -73,9 +73,7 @@ pub async fn run(
             .reseed_leftovers()
             .instrument(tracing::info_span!("reseed")),
     );
-    let result = axum::serve(listener, routes::app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let result = bay_common::serve::serve(listener, routes::app(state), shutdown).await;
     stop.cancel();
     reseed.abort();
     swarm.stop().await;

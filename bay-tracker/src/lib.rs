@@ -59,10 +59,7 @@ pub async fn run(
     tasks
         .spawn(expire_peers(state.clone(), stop.clone()).instrument(tracing::info_span!("expire")));
 
-    let app = routes::app(state).into_make_service_with_connect_info::<routes::Conn>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let result = bay_common::serve::serve(listener, routes::app(state), shutdown).await;
     stop.cancel();
     tasks.close();
     tasks.wait().await;

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +15,6 @@ use bay_common::announce::{self, AnnounceRequest};
 use bay_common::api::{INFO_HASH_HEADER, TORRENT_CONTENT_TYPE, TrackerStats};
 use bay_common::upstream::Credentials;
 use bay_common::{Digest, RepositoryName};
-use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::announce::Swarms;
@@ -30,24 +28,6 @@ pub struct AppState {
     pub swarms: Swarms,
     pub slots: crate::announce::Slots,
     pub torrents_served: AtomicU64,
-}
-
-/// Both ends of a connection: the remote is the announcing peer, the local address is how that
-/// peer reaches us, and so our own seed.
-#[derive(Clone, Copy, Debug)]
-pub struct Conn {
-    pub remote: SocketAddr,
-    pub local: SocketAddr,
-}
-
-impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Conn {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        let io: &TcpStream = stream.io();
-        Conn {
-            remote: *stream.remote_addr(),
-            local: io.local_addr().unwrap_or(*stream.remote_addr()),
-        }
-    }
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
@@ -167,7 +147,7 @@ fn peer_addr(remote: SocketAddr, port: u16) -> SocketAddr {
 
 async fn announce(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
+    ConnectInfo(conn): ConnectInfo<bay_common::serve::Conn>,
     RawQuery(query): RawQuery,
 ) -> Response {
     let req = match AnnounceRequest::parse(query.as_deref().unwrap_or("")) {
@@ -209,7 +189,7 @@ struct SlotQuery {
 
 async fn slot(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
+    ConnectInfo(conn): ConnectInfo<bay_common::serve::Conn>,
     Path(info_hash): Path<String>,
     axum::extract::Query(q): axum::extract::Query<SlotQuery>,
 ) -> Response {
