@@ -1,0 +1,1249 @@
+#!/usr/bin/env python3
+"""Swarm benchmark for bay: a bandwidth-shaped cluster in network namespaces on one machine.
+
+Topology (all names carry the run id, all addresses live only inside our namespaces):
+
+    <id>-br   a namespace holding bridge br0 and the bridge-side veth ends p-reg, p-trk, p-n<i>
+    <id>-reg  docker-registry            10.251.0.2:5000   (eth0 <-> p-reg)
+    <id>-trk  bay-tracker                10.251.0.3:6880, seed on :6881
+    <id>-n<i> bay-proxy + skopeo client  10.251.0.<10+i>:5000, peers on :6881
+
+Nothing is routed: every namespace has only its loopback and one veth in the bridged /24,
+and the root namespace gets no interface at all. Each veth end is shaped with tbf to the
+link bandwidth B: the namespace end shapes that host's upload, the bridge end its download.
+
+Modes, run one after the other:
+  direct  all N nodes `skopeo copy` the image straight from the registry at once
+  cold    all N nodes pull through their own bay-proxy at once; the tracker holds nothing
+  warm    the same with new, empty proxies while the tracker keeps what it fetched
+
+Run it through bench/swarm.sh (root, dependency check, release build, hard time limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REGISTRY_PORT = 5000
+TRACKER_PORT = 6880
+PEER_PORT = 6881
+LINK_CHECK_PORT = 5999
+REPO = "bench/img"
+TAG = "1"
+MODES = ("direct", "cold", "warm")
+LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+CHUNK = 1 << 20
+# --client parallel: manifest, then all blobs concurrently, each checked against its digest,
+# stored like skopeo's dir: layout (one file per blob, named by its hex digest).
+PARALLEL_CLIENT = r"""
+import hashlib, json, os, sys, threading, urllib.request
+base, repo, tag, out = sys.argv[1:5]
+os.makedirs(out, exist_ok=True)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+req = urllib.request.Request(f"{base}/v2/{repo}/manifests/{tag}", headers={"Accept": accept})
+manifest = json.load(opener.open(req, timeout=60))
+errors = []
+def get(blob):
+    try:
+        h, n = hashlib.sha256(), 0
+        with opener.open(f"{base}/v2/{repo}/blobs/{blob['digest']}", timeout=120) as r, \
+                open(os.path.join(out, blob["digest"][7:]), "wb") as f:
+            while chunk := r.read(1 << 20):
+                h.update(chunk); f.write(chunk); n += len(chunk)
+        if "sha256:" + h.hexdigest() != blob["digest"] or n != blob["size"]:
+            errors.append(f"{blob['digest']}: got {n} bytes, sha256:{h.hexdigest()}")
+    except Exception as e:
+        errors.append(f"{blob['digest']}: {e}")
+threads = [threading.Thread(target=get, args=(b,)) for b in [manifest["config"], *manifest["layers"]]]
+for t in threads: t.start()
+for t in threads: t.join()
+if errors:
+    sys.exit("\n".join(errors))
+"""
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+T0 = time.monotonic()
+
+
+class Abort(Exception):
+    """Ctrl-C, SIGTERM, or the overall time limit: unwind and tidy up."""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag parsing
+
+def parse_size(text: str) -> int:
+    """Bytes from `256M`, `1G`, `128MiB`, `1.5G` or a plain number (binary suffixes)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_rate(text: str) -> int:
+    """Bits per second from `100mbit`, `1gbit`, `400Mbit/s`, `500kbit`; a bare number is Mbit/s."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgG]?)(bit|bps|b)?(/s)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a bandwidth: {text!r}")
+    prefix = m.group(2).lower()
+    if not prefix and not m.group(3):
+        prefix = "m"
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[prefix]
+    bits = int(float(m.group(1)) * scale)
+    if bits < 10**6:
+        raise argparse.ArgumentTypeError("bandwidth below 1 Mbit/s is not useful here")
+    return bits
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.0f} %"
+
+
+def fmt_rate(bits: float) -> str:
+    return f"{bits / 1e9:g} Gbit/s" if bits >= 1e9 else f"{bits / 1e6:g} Mbit/s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench/swarm.sh",
+        description="Pull one image on N shaped nodes: directly, through a cold bay swarm and "
+        "through a warm one. Needs root (network namespaces, tc).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("-n", "--nodes", type=int, default=8, help="number of node namespaces (proxy + client)")
+    p.add_argument("-s", "--size", type=parse_size, default=parse_size("256M"),
+                   help="image payload S, split evenly over the layers (K/M/G binary suffixes)")
+    p.add_argument("-l", "--layers", type=int, default=4, help="number of random tar layers")
+    p.add_argument("-b", "--bandwidth", type=parse_rate, default=parse_rate("100mbit"),
+                   help="per-link bandwidth B, both directions, every namespace incl. the registry "
+                   "(e.g. 100mbit, 1gbit; a bare number is Mbit/s)")
+    p.add_argument("--modes", default="direct,cold,warm",
+                   help="comma-separated subset of direct,cold,warm, run in that order")
+    p.add_argument("--client", choices=("skopeo", "parallel"), default="skopeo",
+                   help="skopeo: `skopeo copy ... dir:` (fetches the blobs one after another); parallel: a "
+                   "small Python client that GETs the manifest, then every blob at once (like docker pull), "
+                   "checking each digest")
+    p.add_argument("--proxy-port", type=int, default=5000, help="port of each node's bay-proxy registry API")
+    p.add_argument("--subnet", default="10.251.0",
+                   help="first three octets of the private /24 used only inside the namespaces")
+    p.add_argument("--phase-timeout", type=float, default=0,
+                   help="seconds one mode may take; 0 = 3 x N x S/B + 120")
+    p.add_argument("--timeout", type=float, default=0,
+                   help="seconds for the whole run; 0 = setup allowance + every phase timeout")
+    p.add_argument("--tc-latency-ms", type=float, default=50, help="tbf latency (queue bound) per link")
+    p.add_argument("--tc-burst", type=parse_size, default=0,
+                   help="tbf burst per link; 0 = max(128 KiB, 4 ms at B) (veth sends 64 KiB GSO packets)")
+    p.add_argument("--proxy-arg", action="append", default=[],
+                   help="extra argument for every bay-proxy (repeatable, e.g. --proxy-arg=--stall-timeout=10)")
+    p.add_argument("--tracker-arg", action="append", default=[], help="extra argument for bay-tracker (repeatable)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the image's pseudo-random layer bytes")
+    p.add_argument("--bin-dir", default=None, help="directory with bay-proxy and bay-tracker (default: target/release)")
+    p.add_argument("--out", default=None, help="results directory (default: bench/out/<time>-n<N>-s<S>-b<B>)")
+    p.add_argument("--work-dir", default=None, help="scratch directory, removed at exit (default: a new temp dir)")
+    p.add_argument("--keep-work", action="store_true", help="keep the scratch directory (image, caches) at exit")
+    p.add_argument("--run-id", default=None, help="prefix of the namespace names (default: bsw<pid>)")
+    p.add_argument("--sample-interval", type=float, default=0.5, help="seconds between CPU / counter samples")
+    p.add_argument("--quiet-cpu", type=float, default=25,
+                   help="before each mode, wait until the machine's CPU is less busy than this percent "
+                   "(other users' builds distort the numbers); 100 = don't wait")
+    p.add_argument("--quiet-wait", type=float, default=600,
+                   help="longest wait in seconds for a quiet CPU before a mode starts anyway (flagged)")
+    p.add_argument("--no-link-check", action="store_true", help="skip the TCP throughput check of one shaped path")
+    p.add_argument("--replot", metavar="RESULTS_JSON",
+                   help="only redraw cdf.png and rewrite results.md from an earlier run's results.json")
+    p.add_argument("--print-timeout", action="store_true", help="print the overall time limit in seconds and exit")
+    return p
+
+
+def derive_timeouts(args) -> None:
+    tstar = args.size * 8 / args.bandwidth
+    n_modes = len(args.modes)
+    if not args.phase_timeout:
+        args.phase_timeout = 3 * args.nodes * tstar + 120
+    if not args.timeout:
+        # Image generation (~30 MB/s worst case), push, link check, starting everything.
+        setup = args.size / (30 << 20) + 180 + 2 * args.nodes
+        quiet = args.quiet_wait if args.quiet_cpu < 100 else 0
+        args.timeout = setup + n_modes * (args.phase_timeout + quiet + 60 + 2 * args.nodes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The OCI image (the same layout as tests/fixtures/image.rs builds, re-done in Python)
+
+class PseudoRandom:
+    """A deterministic byte stream: AES-128-CTR of zeros keyed by the seed (openssl, fast),
+    or Python's seeded `random.randbytes` when openssl is missing (slow but equivalent use)."""
+
+    def __init__(self, seed: int, index: int):
+        key = hashlib.sha256(f"bay-bench/{seed}/{index}".encode()).hexdigest()[:32]
+        self.proc = None
+        if shutil.which("openssl"):
+            self.proc = subprocess.Popen(
+                ["openssl", "enc", "-aes-128-ctr", "-nosalt", "-K", key, "-iv", "0" * 32, "-in", "/dev/zero"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        else:
+            import random
+            self.rng = random.Random(key)
+
+    def read(self, n: int) -> bytes:
+        if self.proc is None:
+            return self.rng.randbytes(n)
+        out = bytearray()
+        while len(out) < n:
+            got = self.proc.stdout.read(n - len(out))
+            if not got:
+                raise RuntimeError("openssl stopped producing bytes")
+            out += got
+        return bytes(out)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def write_blob(blobs: Path, data: bytes) -> dict:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (blobs / digest[7:]).write_bytes(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def write_layer(blobs: Path, index: int, size: int, seed: int) -> dict:
+    """A one-file ustar archive `bay-layer-<i>.bin` of `size` pseudo-random bytes."""
+    info = tarfile.TarInfo(f"bay-layer-{index}.bin")
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    tmp = blobs / f".layer-{index}.partial"
+    h = hashlib.sha256()
+    written = 0
+    src = PseudoRandom(seed, index)
+    try:
+        with open(tmp, "wb") as f:
+            def put(b: bytes) -> None:
+                nonlocal written
+                f.write(b)
+                h.update(b)
+                written += len(b)
+            put(header)
+            left = size
+            while left:
+                n = min(left, CHUNK)
+                put(src.read(n))
+                left -= n
+            put(bytes((512 - size % 512) % 512 + 1024))
+    finally:
+        src.close()
+    digest = "sha256:" + h.hexdigest()
+    tmp.rename(blobs / digest[7:])
+    return {"digest": digest, "size": written}
+
+
+def descriptor(media_type: str, blob: dict) -> dict:
+    return {"mediaType": media_type, "digest": blob["digest"], "size": blob["size"]}
+
+
+def generate_image(layout: Path, total: int, n_layers: int, seed: int) -> dict:
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    per = total // n_layers
+    sizes = [per] * n_layers
+    sizes[-1] += total - per * n_layers
+    layers = [write_layer(blobs, i, s, seed) for i, s in enumerate(sizes)]
+    created = "2024-01-01T00:00:00Z"
+    config = {
+        "created": created, "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                   "Cmd": ["/bin/true"]},
+        "rootfs": {"type": "layers", "diff_ids": [l["digest"] for l in layers]},
+        "history": [{"created": created, "created_by": f"bay bench layer {i}: {l['size']} bytes, seed {seed}"}
+                    for i, l in enumerate(layers)],
+    }
+    dumps = lambda v: json.dumps(v, separators=(",", ":")).encode()
+    config_blob = write_blob(blobs, dumps(config))
+    manifest = {
+        "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": descriptor(CONFIG_MEDIA_TYPE, config_blob),
+        "layers": [descriptor(LAYER_MEDIA_TYPE, l) for l in layers],
+    }
+    manifest_blob = write_blob(blobs, dumps(manifest))
+    ref = descriptor(MANIFEST_MEDIA_TYPE, manifest_blob)
+    ref["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
+    (layout / "index.json").write_bytes(dumps({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": [ref]}))
+    return {"layers": layers, "config": config_blob, "manifest": manifest_blob}
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes, namespaces, measurements
+
+def run(argv, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def cpu_jiffies(with_irq: bool = False):
+    """(busy, total[, irq + softirq]) jiffies of all CPUs since boot."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    total = sum(v)
+    if with_irq:
+        return total - v[3] - v[4], total, v[5] + v[6]
+    return total - v[3] - v[4], total
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile."""
+    if not sorted_values:
+        return None
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.rid = args.run_id or f"bsw{os.getpid()}"
+        self.ns_br = f"{self.rid}-br"
+        self.ns_reg = f"{self.rid}-reg"
+        self.ns_trk = f"{self.rid}-trk"
+        self.ns_nodes = [f"{self.rid}-n{i}" for i in range(args.nodes)]
+        self.namespaces: list[str] = []
+        self.procs: dict[int, tuple[str, subprocess.Popen]] = {}
+        self.net = args.subnet
+        self.reg_ip = f"{self.net}.2"
+        self.trk_ip = f"{self.net}.3"
+        self.node_ips = [f"{self.net}.{10 + i}" for i in range(args.nodes)]
+        self.registry_url = f"http://{self.reg_ip}:{REGISTRY_PORT}"
+        self.tracker_url = f"http://{self.trk_ip}:{TRACKER_PORT}"
+        self.registry = None
+        self.tracker = None
+        self.proxies: list[subprocess.Popen] = []
+        self.proxy_dirs: list[Path] = []
+        # A scratch dir we created, or an empty one we were handed (swarm.sh's mktemp), is ours to remove.
+        given = Path(args.work_dir) if args.work_dir else None
+        self.own_work = given is None or not given.exists() or not any(given.iterdir())
+        self.work = given or Path(tempfile.mkdtemp(prefix="bay-swarm-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.out = Path(args.out)
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # A private copy: others may rebuild target/release while the proxies restart between modes.
+        self.bin_dir = self.work / "bin"
+        self.bin_dir.mkdir(exist_ok=True)
+        self.binaries = {}
+        for b in ("bay-proxy", "bay-tracker"):
+            shutil.copy2(Path(args.bin_dir) / b, self.bin_dir / b)
+            self.binaries[b] = "sha256:" + hashlib.sha256((self.bin_dir / b).read_bytes()).hexdigest()
+        self.env = dict(os.environ, TMPDIR=str(self.work), NO_COLOR="1", RUST_LOG="info")
+
+    # -- processes -------------------------------------------------------------------------
+
+    def spawn(self, name: str, ns: str, argv: list[str], log_name: str) -> subprocess.Popen:
+        """Starts `argv` inside `ns` (`ip netns exec` execs it, so the PID is the program's)."""
+        logf = open(self.logs / log_name, "ab")
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=logf, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        logf.close()
+        self.procs[p.pid] = (name, p)
+        return p
+
+    def stop(self, p: subprocess.Popen, grace: float = 5.0) -> None:
+        if p.returncode is None and p.poll() is None:
+            try:
+                p.terminate()
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+            except ProcessLookupError:
+                pass
+        self.procs.pop(p.pid, None)
+
+    def ns_exec(self, ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        return run(["ip", "netns", "exec", ns, *argv], env=self.env, **kw)
+
+    def http(self, ns: str, url: str, method: str = "GET", timeout: float = 10) -> tuple[int, str]:
+        r = self.ns_exec(ns, ["curl", "-sS", "--noproxy", "*", "-X", method, "--max-time", str(timeout),
+                              "-H", f"Accept: {MANIFEST_MEDIA_TYPE}", "-o", "/dev/null", "-w", "%{http_code}", url],
+                         check=False, timeout=timeout + 5)
+        code = r.stdout.strip()
+        return (int(code) if code.isdigit() else 0), r.stderr
+
+    def http_json(self, ns: str, url: str) -> dict:
+        r = self.ns_exec(ns, ["curl", "-sSf", "--noproxy", "*", "--max-time", "10", url], timeout=15)
+        return json.loads(r.stdout)
+
+    def wait_http(self, ns: str, url: str, proc: subprocess.Popen, what: str, timeout: float = 60,
+                  ok=(200,)) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited ({proc.returncode}) before it was ready; see {self.logs}")
+            code, _ = self.http(ns, url, timeout=2)
+            if code in ok:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not ready after {timeout:.0f} s ({url} -> {code})")
+            time.sleep(0.1)
+
+    # -- network ---------------------------------------------------------------------------
+
+    def add_ns(self, ns: str) -> None:
+        run(["ip", "netns", "add", ns])
+        self.namespaces.append(ns)
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+    def shape(self, ns: str, dev: str) -> None:
+        a = self.args
+        rate_bytes = a.bandwidth / 8
+        burst = a.tc_burst or max(128 << 10, int(rate_bytes * 0.004))
+        run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{a.bandwidth}bit",
+             "burst", str(burst), "latency", f"{a.tc_latency_ms}ms"])
+        self.tc_burst = burst
+
+    def build_network(self) -> None:
+        log(f"network: bridge namespace {self.ns_br}, {2 + self.args.nodes} hosts on {self.net}.0/24, "
+            f"each link {fmt_rate(self.args.bandwidth)} both ways")
+        self.add_ns(self.ns_br)
+        run(["ip", "-n", self.ns_br, "link", "add", "br0", "type", "bridge", "stp_state", "0"])
+        run(["ip", "-n", self.ns_br, "link", "set", "br0", "up"])
+        hosts = [(self.ns_reg, "p-reg", self.reg_ip), (self.ns_trk, "p-trk", self.trk_ip)]
+        hosts += [(ns, f"p-n{i}", ip) for i, (ns, ip) in enumerate(zip(self.ns_nodes, self.node_ips))]
+        for ns, port, ip in hosts:
+            self.add_ns(ns)
+            # Both ends are created directly inside our namespaces: the root namespace never
+            # sees an interface of this benchmark.
+            run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", self.ns_br])
+            run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0"])
+            run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            run(["ip", "-n", self.ns_br, "link", "set", port, "master", "br0", "up"])
+            self.shape(ns, "eth0")          # what this host sends
+            self.shape(self.ns_br, port)    # what this host receives
+        self.bridge_ports = [p for _, p, _ in hosts]
+
+    def bridge_counters(self) -> dict[str, tuple[int, int]]:
+        """Bridge-side (rx, tx) bytes of every port: rx of p-x is what host x sent, tx what it got."""
+        data = json.loads(run(["ip", "-n", self.ns_br, "-s", "-j", "link", "show"]).stdout)
+        return {d["ifname"]: (d["stats64"]["rx"]["bytes"], d["stats64"]["tx"]["bytes"])
+                for d in data if d["ifname"].startswith("p-")}
+
+    def registry_tx_bytes(self) -> int:
+        """tx_bytes of the registry's own interface, read inside its namespace."""
+        d = json.loads(run(["ip", "-n", self.ns_reg, "-s", "-j", "link", "show", "dev", "eth0"]).stdout)[0]
+        return d["stats64"]["tx"]["bytes"]
+
+    def link_check(self) -> dict:
+        """One TCP stream registry -> node 0 for ~3 s at B: confirms the shaping (goodput)."""
+        n = int(self.args.bandwidth / 8 * 3)
+        server = (
+            "import socket,sys\n"
+            "s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('{self.reg_ip}',{LINK_CHECK_PORT}));s.listen(1);c,_=s.accept()\n"
+            f"buf=bytes(1<<20);n={n}\n"
+            "while n>0:\n n-=c.send(buf[:min(n,len(buf))])\n"
+            "c.shutdown(socket.SHUT_WR);c.recv(1);c.close()\n")
+        client = (
+            "import socket,time\n"
+            "for _ in range(100):\n"
+            f" try:\n  c=socket.create_connection(('{self.reg_ip}',{LINK_CHECK_PORT}));break\n"
+            " except OSError: time.sleep(0.05)\n"
+            "t=time.monotonic();got=0\n"
+            "while True:\n b=c.recv(1<<20)\n if not b: break\n got+=len(b)\n"
+            "print(got,time.monotonic()-t)\n")
+        srv = self.spawn("link-check server", self.ns_reg, ["python3", "-c", server], "link-check.log")
+        try:
+            r = self.ns_exec(self.node_ns(0), ["python3", "-c", client], timeout=60)
+            got, secs = r.stdout.split()
+            got, secs = int(got), float(secs)
+        finally:
+            self.stop(srv, grace=2)
+        goodput = got * 8 / secs
+        log(f"link check registry -> n0: {fmt_bytes(got)} in {secs:.2f} s = {goodput / 1e6:.1f} Mbit/s "
+            f"goodput ({100 * goodput / self.args.bandwidth:.1f} % of B)")
+        return {"bytes": got, "seconds": secs, "goodput_bps": goodput, "fraction_of_B": goodput / self.args.bandwidth}
+
+    def node_ns(self, i: int) -> str:
+        return self.ns_nodes[i]
+
+    # -- services --------------------------------------------------------------------------
+
+    def start_registry(self) -> None:
+        data = self.work / "registry"
+        data.mkdir()
+        config = self.work / "registry.yml"
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n"
+            f"storage:\n  filesystem:\n    rootdirectory: \"{data}\"\n  delete:\n    enabled: true\n"
+            "  cache:\n    blobdescriptor: inmemory\n"
+            f"http:\n  addr: \"{self.reg_ip}:{REGISTRY_PORT}\"\n  secret: bay-bench\n")
+        self.registry = self.spawn("docker-registry", self.ns_reg, ["docker-registry", "serve", str(config)],
+                                   "registry.log")
+        self.wait_http(self.ns_reg, f"{self.registry_url}/v2/", self.registry, "docker-registry", 30)
+        log(f"docker-registry up at {self.registry_url} (pid {self.registry.pid})")
+
+    def push_image(self) -> dict:
+        a = self.args
+        layout = self.work / "image"
+        t = time.monotonic()
+        image = generate_image(layout, a.size, a.layers, a.seed)
+        log(f"image generated in {time.monotonic() - t:.1f} s: {a.layers} layers, "
+            f"manifest {image['manifest']['digest'][:19]}")
+        t = time.monotonic()
+        # Pushed from inside the registry namespace to its own address: over loopback, unshaped.
+        self.ns_exec(self.ns_reg, ["skopeo", "--insecure-policy", "copy", "--retry-times=0", "--preserve-digests",
+                                   "--dest-tls-verify=false", "--dest-no-creds", f"oci:{layout}:latest",
+                                   f"docker://{self.reg_ip}:{REGISTRY_PORT}/{REPO}:{TAG}"], timeout=600)
+        r = self.ns_exec(self.ns_reg, ["curl", "-sSf", "-I", "-H", f"Accept: {MANIFEST_MEDIA_TYPE}",
+                                       f"{self.registry_url}/v2/{REPO}/manifests/{TAG}"])
+        served = re.search(r"(?im)^docker-content-digest:\s*(\S+)", r.stdout)
+        if not served or served.group(1) != image["manifest"]["digest"]:
+            raise RuntimeError(f"registry serves {served and served.group(1)}, pushed {image['manifest']['digest']}")
+        log(f"pushed {REPO}:{TAG} in {time.monotonic() - t:.1f} s")
+        shutil.rmtree(layout)
+        return image
+
+    def start_tracker(self) -> None:
+        data = self.work / "tracker"
+        data.mkdir()
+        argv = [str(self.bin_dir / "bay-tracker"), "--listen", f"{self.trk_ip}:{TRACKER_PORT}",
+                "--peer-port", str(PEER_PORT), "--upstream", self.registry_url, "--data-dir", str(data),
+                *self.args.tracker_arg]
+        self.tracker = self.spawn("bay-tracker", self.ns_trk, argv, "tracker.log")
+        self.wait_http(self.ns_trk, f"{self.tracker_url}/healthz", self.tracker, "bay-tracker")
+        log(f"bay-tracker up at {self.tracker_url} (pid {self.tracker.pid})")
+
+    def start_proxies(self, mode: str) -> None:
+        self.proxies, self.proxy_dirs = [], []
+        for i, (ns, ip) in enumerate(zip(self.ns_nodes, self.node_ips)):
+            data = self.work / f"proxy-{mode}-n{i}"
+            data.mkdir()
+            argv = [str(self.bin_dir / "bay-proxy"), "--listen", f"{ip}:{self.args.proxy_port}",
+                    "--peer-port", str(PEER_PORT), "--tracker", self.tracker_url,
+                    "--upstream", self.registry_url, "--default-upstream", self.registry_url,
+                    "--data-dir", str(data), *self.args.proxy_arg]
+            self.proxies.append(self.spawn(f"bay-proxy n{i}", ns, argv, f"{mode}-proxy-n{i}.log"))
+            self.proxy_dirs.append(data)
+        for i, p in enumerate(self.proxies):
+            self.wait_http(self.ns_nodes[i], f"http://{self.node_ips[i]}:{self.args.proxy_port}/_bay/healthz",
+                           p, f"bay-proxy n{i}")
+        log(f"{len(self.proxies)} bay-proxies up (empty data dirs)")
+
+    def stop_proxies(self) -> None:
+        for p in self.proxies:
+            self.stop(p)
+        for d in self.proxy_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self.proxies, self.proxy_dirs = [], []
+
+    def prewarm_tracker(self, image: dict) -> None:
+        """For `warm` without `cold`: have the tracker fetch and seed every blob first."""
+        for blob in image["layers"] + [image["config"]]:
+            url = f"{self.tracker_url}/v1/torrents/{self.reg_ip}:{REGISTRY_PORT}/{REPO}/blobs/{blob['digest']}"
+            code, _ = self.http(self.ns_trk, url, timeout=self.args.phase_timeout)
+            if code != 200:
+                raise RuntimeError(f"tracker could not fetch {blob['digest']}: HTTP {code}")
+        log("tracker holds every blob")
+
+    # -- one mode --------------------------------------------------------------------------
+
+    def wait_quiet(self, mode: str) -> dict:
+        """Waits until the CPU is quiet (this machine is shared with builds and tests)."""
+        a = self.args
+        started = time.monotonic()
+        busy = None
+        while True:
+            b0, t0 = cpu_jiffies()
+            time.sleep(2)
+            b1, t1 = cpu_jiffies()
+            busy = (b1 - b0) / max(1, t1 - t0)
+            waited = time.monotonic() - started
+            if 100 * busy < a.quiet_cpu:
+                break
+            if waited >= a.quiet_wait:
+                log(f"[{mode}] CPU still {100 * busy:.0f} % busy after {waited:.0f} s: starting anyway (flagged)")
+                break
+            if waited < 3 or int(waited) % 30 < 2:
+                log(f"[{mode}] waiting for a quiet CPU: {100 * busy:.0f} % busy (want < {a.quiet_cpu:.0f} %)")
+        return {"busy_before": busy, "waited_s": time.monotonic() - started,
+                "quiet": 100 * busy < a.quiet_cpu or a.quiet_cpu >= 100}
+
+    def run_mode(self, mode: str, image: dict) -> dict:
+        a = self.args
+        blobs = image["layers"] + [image["config"]]
+        S = sum(b["size"] for b in blobs)
+        tstar = S * 8 / a.bandwidth
+        if mode == "direct":
+            sources = [f"{self.reg_ip}:{REGISTRY_PORT}"] * a.nodes
+        else:
+            sources = [f"{ip}:{a.proxy_port}" for ip in self.node_ips]
+        outs = [self.work / f"pull-{mode}-n{i}" for i in range(a.nodes)]
+        quiet = self.wait_quiet(mode) if a.quiet_cpu < 100 else {"busy_before": None, "waited_s": 0, "quiet": True}
+        access_lines_before = self.registry_log_lines()
+        tracker_before = self.http_json(self.ns_trk, f"{self.tracker_url}/v1/stats") if self.tracker else {}
+        reg_tx0 = self.registry_tx_bytes()
+        ports0 = self.bridge_counters()
+        svc_cpu0 = self.service_cpu()
+        irq0 = cpu_jiffies(with_irq=True)
+        window0 = time.monotonic()
+        results: list[dict] = [{} for _ in range(a.nodes)]
+        log(f"[{mode}] {a.nodes} nodes pull {fmt_bytes(S)} at once "
+            f"({'from the registry' if mode == 'direct' else 'each through its own bay-proxy'}); "
+            f"T* = S/B = {tstar:.1f} s, timeout {a.phase_timeout:.0f} s")
+        sampler = self.start_sampler(mode)
+        time.sleep(2 * a.sample_interval)
+        start = time.monotonic()
+        pulls = []
+        for i in range(a.nodes):
+            if a.client == "skopeo":
+                argv = ["skopeo", "--insecure-policy", "copy", "--retry-times=0", "--src-tls-verify=false",
+                        "--src-no-creds", f"docker://{sources[i]}/{REPO}:{TAG}", f"dir:{outs[i]}"]
+            else:
+                argv = ["python3", "-c", PARALLEL_CLIENT, f"http://{sources[i]}", REPO, TAG, str(outs[i])]
+            pulls.append(self.spawn(f"client n{i}", self.ns_nodes[i], argv, f"{mode}-client-n{i}.log"))
+            results[i]["launched_s"] = time.monotonic() - start
+
+        def reap(i: int, p: subprocess.Popen) -> None:
+            _, status, usage = os.wait4(p.pid, 0)
+            results[i]["seconds"] = time.monotonic() - start
+            p.returncode = os.waitstatus_to_exitcode(status)
+            results[i]["exit"] = p.returncode
+            results[i]["cpu_s"] = usage.ru_utime + usage.ru_stime
+            self.procs.pop(p.pid, None)
+
+        reapers = [threading.Thread(target=reap, args=(i, p), name=f"reap-n{i}", daemon=True)
+                   for i, p in enumerate(pulls)]
+        for t in reapers:
+            t.start()
+        deadline = start + a.phase_timeout
+        last_report = start
+        while any(t.is_alive() for t in reapers):
+            now = time.monotonic()
+            if now > deadline:
+                log(f"[{mode}] phase timeout: killing the pulls still running")
+                for p in pulls:
+                    if p.returncode is None:
+                        try:
+                            p.kill()
+                        except ProcessLookupError:
+                            pass
+                for t in reapers:
+                    t.join(10)
+                break
+            if now - last_report >= 15:
+                done = sum(1 for r in results if "seconds" in r)
+                log(f"[{mode}] {now - start:.0f} s: {done}/{a.nodes} done")
+                last_report = now
+            time.sleep(0.05)
+        wall = time.monotonic() - start
+        # CPU accounting window: from just before the sampler started to the last pull's end.
+        irq1, svc_cpu1 = cpu_jiffies(with_irq=True), self.service_cpu()
+        window = time.monotonic() - window0
+        time.sleep(a.sample_interval)
+        samples = self.stop_sampler(sampler, mode)
+        reg_tx = self.registry_tx_bytes() - reg_tx0
+        ports1 = self.bridge_counters()
+
+        # Each copy must hold every blob at its size (skopeo itself verified the digests).
+        for i, r in enumerate(results):
+            r["node"] = i
+            r["ok"] = r.get("exit") == 0 and all(
+                (outs[i] / b["digest"][7:]).is_file() and (outs[i] / b["digest"][7:]).stat().st_size == b["size"]
+                for b in blobs)
+            if not r["ok"]:
+                tail = (self.logs / f"{mode}-client-n{i}.log").read_text(errors="replace")[-400:]
+                r["error"] = tail.strip() or f"exit {r.get('exit')}"
+                log(f"[{mode}] n{i} FAILED: {r['error'][-200:]}")
+            shutil.rmtree(outs[i], ignore_errors=True)
+        times = sorted(r["seconds"] for r in results if r["ok"])
+        out = {
+            "mode": mode, "nodes": results, "ok": len(times), "wall_s": wall,
+            "p50_s": percentile(times, 0.5), "p90_s": percentile(times, 0.9), "max_s": times[-1] if times else None,
+            "tstar_s": tstar,
+            "upstream_iface_bytes": reg_tx,
+            "upstream_blob_bytes": self.registry_blob_bytes(access_lines_before),
+            "node_rx_bytes": sum(ports1[f"p-n{i}"][1] - ports0[f"p-n{i}"][1] for i in range(a.nodes)),
+            "node_tx_bytes": sum(ports1[f"p-n{i}"][0] - ports0[f"p-n{i}"][0] for i in range(a.nodes)),
+            "tracker_tx_bytes": ports1["p-trk"][0] - ports0["p-trk"][0],
+        }
+        out["max_over_tstar"] = out["max_s"] / tstar if times else None
+        out["series"] = self.series(samples, start)
+        out["cpu"] = self.cpu_summary(samples, start, wall, svc_cpu0, svc_cpu1, results, irq0, irq1, window)
+        out["cpu"]["before"] = quiet
+        # The link that bounds the mode: the registry's uplink for direct, the nodes' downlinks else.
+        if mode == "direct":
+            out["link_util"] = reg_tx * 8 / (wall * a.bandwidth)
+        else:
+            out["link_util"] = out["node_rx_bytes"] * 8 / (wall * a.nodes * a.bandwidth)
+        c = out["cpu"]
+        out["bound"] = ("link" if out["link_util"] >= 0.85 else
+                        "CPU" if c["busy_avg"] >= 0.9 else "neither")
+        if mode != "direct":
+            out.update(self.swarm_stats(mode, blobs, tracker_before))
+        done = f"p50 {out['p50_s']:.1f} s, max {out['max_s']:.1f} s" if times else "no node finished"
+        log(f"[{mode}] {len(times)}/{a.nodes} ok, {done}; registry sent {fmt_bytes(reg_tx)}; "
+            f"CPU busy {100 * out['cpu']['busy_avg']:.0f} % avg")
+        return out
+
+    def start_sampler(self, mode: str) -> subprocess.Popen:
+        """A sampler inside the bridge namespace: reads the bridge ports' byte counters from /sys
+        and /proc/stat every interval, stamped with the (system-wide) monotonic clock. A process
+        of its own (niced up) keeps the stamps honest while the CPU is saturated."""
+        script = (
+            "import sys,time,json\n"
+            "iv=float(sys.argv[1]);ports=sys.argv[2].split(',')\n"
+            "def rd(p,f):\n"
+            " with open(f'/sys/class/net/{p}/statistics/{f}') as h: return int(h.read())\n"
+            "while True:\n"
+            " t=time.monotonic()\n"
+            " with open('/proc/stat') as h: v=[int(x) for x in h.readline().split()[1:9]]\n"
+            " c={p:(rd(p,'rx_bytes'),rd(p,'tx_bytes')) for p in ports}\n"
+            " print(json.dumps([t,sum(v)-v[3]-v[4],sum(v),c]),flush=True)\n"
+            " time.sleep(iv-(time.monotonic()-t)%iv)\n")
+        return self.spawn(f"sampler {mode}", self.ns_br,
+                          ["nice", "-n", "-10", "python3", "-c", script, str(self.args.sample_interval),
+                           ",".join(self.bridge_ports)], f"{mode}-samples.jsonl")
+
+    def stop_sampler(self, p: subprocess.Popen, mode: str) -> list[tuple]:
+        self.stop(p, grace=2)
+        samples = []
+        for line in (self.logs / f"{mode}-samples.jsonl").read_text(errors="replace").splitlines():
+            try:
+                t, busy, total, counters = json.loads(line)
+                samples.append((t, busy, total, {k: tuple(v) for k, v in counters.items()}))
+            except (ValueError, TypeError):
+                pass  # a line cut short by the stop
+        return samples
+
+    def registry_log_lines(self) -> int:
+        return len((self.logs / "registry.log").read_text(errors="replace").splitlines())
+
+    def registry_blob_bytes(self, skip: int) -> int:
+        """Response bytes of successful blob GETs in the registry's access log since line `skip`."""
+        total = 0
+        lines = (self.logs / "registry.log").read_text(errors="replace").splitlines()[skip:]
+        for line in lines:
+            m = re.search(r'"GET (/v2/\S+/blobs/sha256:[0-9a-f]+)\S* HTTP/[0-9.]+" (\d{3}) (\d+)', line)
+            if m and 200 <= int(m.group(2)) < 300:
+                total += int(m.group(3))
+        return total
+
+    def service_cpu(self) -> dict[str, float]:
+        cpu = {}
+        if self.registry:
+            cpu["registry"] = proc_cpu_seconds(self.registry.pid)
+        if self.tracker:
+            cpu["tracker"] = proc_cpu_seconds(self.tracker.pid)
+        cpu["proxies"] = sum(proc_cpu_seconds(p.pid) for p in self.proxies)
+        return cpu
+
+    def series(self, samples: list[tuple], start: float) -> list[dict]:
+        """Per-interval CPU busy fraction (of all cores), registry send and node receive rates."""
+        a = self.args
+        rows = []
+        for (t0, b0, tot0, c0), (t1, b1, tot1, c1) in zip(samples, samples[1:]):
+            dt_ = t1 - t0
+            rx = sum(c1[f"p-n{i}"][1] - c0[f"p-n{i}"][1] for i in range(a.nodes))
+            rows.append({
+                "t": round(t1 - start, 3),
+                "cpu_busy": (b1 - b0) / max(1, tot1 - tot0),
+                "registry_tx_bps": (c1["p-reg"][0] - c0["p-reg"][0]) * 8 / dt_,
+                "nodes_rx_bps": rx * 8 / dt_,
+            })
+        return rows
+
+    def cpu_summary(self, samples, start, wall, svc0, svc1, results, irq0, irq1, window) -> dict:
+        inside = [(b, t) for (ts, b, t, _) in samples if start - 1e-3 <= ts <= start + wall + self.args.sample_interval]
+        busy = (inside[-1][0] - inside[0][0]) / max(1, inside[-1][1] - inside[0][1]) if len(inside) > 1 else 0.0
+        rows = self.series(samples, start)
+        peak = max((r["cpu_busy"] for r in rows if 0 <= r["t"] <= wall + self.args.sample_interval), default=0.0)
+        per_role = {k: svc1.get(k, 0.0) - svc0.get(k, 0.0) for k in svc1}
+        per_role["clients"] = sum(r.get("cpu_s", 0.0) for r in results)
+        busy_s = (irq1[0] - irq0[0]) / CLK_TCK
+        irq_s = (irq1[2] - irq0[2]) / CLK_TCK
+        ours = sum(per_role.values())
+        return {"cores": os.cpu_count(), "busy_avg": busy, "busy_peak": peak, "window_s": window,
+                "busy_core_s": busy_s, "ours_core_s": ours, "irq_core_s": irq_s,
+                "other_core_s": max(0.0, busy_s - ours - irq_s),
+                "saturated_fraction": (sum(1 for r in rows if 0 <= r["t"] <= wall and r["cpu_busy"] >= 0.9)
+                                       / max(1, sum(1 for r in rows if 0 <= r["t"] <= wall))),
+                "cpu_seconds": per_role}
+
+    def swarm_stats(self, mode: str, blobs: list[dict], tracker_before: dict) -> dict:
+        """Proxy and tracker counters after the pulls, once every proxy holds every blob."""
+        stats = []
+        deadline = time.monotonic() + 30
+        for i in range(self.args.nodes):
+            url = f"http://{self.node_ips[i]}:{self.args.proxy_port}/_bay/stats"
+            while True:
+                try:
+                    s = self.http_json(self.ns_nodes[i], url)
+                except (RuntimeError, json.JSONDecodeError, subprocess.TimeoutExpired) as e:
+                    s = {"error": str(e)}
+                if s.get("blobs_held", 0) >= len(blobs) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            stats.append(s)
+        tracker_after = self.http_json(self.ns_trk, f"{self.tracker_url}/v1/stats")
+        keys = ("blobs_served", "cache_hits", "swarm_downloads", "fallbacks", "bytes_from_peers",
+                "bytes_from_trackers", "bytes_from_upstream", "blobs_held", "bytes_held")
+        proxy_totals = {k: sum(int(s.get(k, 0) or 0) for s in stats) for k in keys}
+        tracker_delta = {k: v - tracker_before.get(k, 0) if isinstance(v, (int, float)) else v
+                         for k, v in tracker_after.items()}
+        # One info line per blob: "blob downloaded from the swarm" with from_peers / from_trackers.
+        lines = {"swarm_blobs": 0, "from_peers": 0, "from_trackers": 0, "upstream_fallback_lines": 0}
+        for i in range(self.args.nodes):
+            text = (self.logs / f"{mode}-proxy-n{i}.log").read_text(errors="replace")
+            for line in text.splitlines():
+                if "blob downloaded from the swarm" in line:
+                    f = dict(re.findall(r"\b(\w+)=(\d+)\b", line))
+                    lines["swarm_blobs"] += 1
+                    lines["from_peers"] += int(f.get("from_peers", 0))
+                    lines["from_trackers"] += int(f.get("from_trackers", 0))
+                elif "streaming from upstream" in line or "continuing from upstream" in line:
+                    lines["upstream_fallback_lines"] += 1
+        return {"proxy_stats": stats, "proxy_totals": proxy_totals, "tracker_stats": tracker_after,
+                "tracker_delta": tracker_delta, "proxy_log_totals": lines}
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        for pid, (name, p) in list(self.procs.items()):
+            if p.returncode is None and p.poll() is None:
+                try:
+                    p.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 5
+        for pid, (name, p) in list(self.procs.items()):
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    log(f"cleanup: {name} (pid {pid}) did not exit")
+        self.procs.clear()
+        for ns in reversed(self.namespaces):
+            # Anything still running in our namespaces was started by us: end it by PID.
+            r = run(["ip", "netns", "pids", ns], check=False)
+            for pid in r.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            run(["ip", "netns", "del", ns], check=False)
+        self.namespaces.clear()
+        if self.own_work and not self.args.keep_work:
+            shutil.rmtree(self.work, ignore_errors=True)
+        elif self.args.keep_work:
+            log(f"scratch kept in {self.work}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def machine_info(bin_dir: Path) -> dict:
+    def first(cmd):
+        try:
+            return run(cmd, check=False).stdout.strip().splitlines()[0]
+        except (IndexError, OSError, subprocess.TimeoutExpired):
+            return None
+    model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                  if l.startswith("model name")), None)
+    mem = next((int(l.split()[1]) * 1024 for l in Path("/proc/meminfo").read_text().splitlines()
+                if l.startswith("MemTotal")), None)
+    repo = Path(__file__).resolve().parent.parent
+    commit = first(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    dirty = run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], check=False).stdout.split("\n")
+    dirty = [l.strip() for l in dirty if l.strip()]
+    return {"cpus": os.cpu_count(), "cpu_model": model, "mem_bytes": mem, "kernel": platform.release(),
+            "skopeo": first(["skopeo", "--version"]), "docker_registry": first(["docker-registry", "--version"]),
+            "bay_commit": commit, "bay_tree_changes": dirty,
+            "bay_proxy_mtime": dt.datetime.fromtimestamp((bin_dir / "bay-proxy").stat().st_mtime).isoformat(timespec="seconds")}
+
+
+def targets(res: dict, n: int) -> list[dict]:
+    modes = res["modes"]
+    S = res["image"]["S"]
+    out = []
+
+    def add(name, value, limit, applies=True):
+        if value is None:
+            out.append({"target": name, "value": None, "limit": limit, "pass": False, "note": "not measured"})
+        else:
+            out.append({"target": name, "value": value, "limit": limit, "pass": value <= limit,
+                        "note": "" if applies else f"target is stated for N=16, this run has N={n}"})
+
+    if "warm" in modes:
+        w = modes["warm"]
+        add("warm: slowest node / T*", w["max_over_tstar"], 1.3, n == 16)
+        if "direct" in modes and w["max_s"] and modes["direct"]["max_s"]:
+            add("warm: bay / direct (slowest node)", w["max_s"] / modes["direct"]["max_s"], 1.5 / n, n == 16)
+    if "cold" in modes:
+        add("cold: slowest node / T*", modes["cold"]["max_over_tstar"], 2.3)
+    swarm = [m for m in ("cold", "warm") if m in modes]
+    if swarm:
+        up = sum(modes[m]["upstream_iface_bytes"] for m in swarm) / S
+        add(f"upstream bytes / S ({' + '.join(swarm)}, registry interface)", up, 1.05)
+    return out
+
+
+def table(res: dict) -> str:
+    modes = res["modes"]
+    S = res["image"]["S"]
+    n = res["params"]["nodes"]
+    direct_max = modes.get("direct", {}).get("max_s")
+    f = lambda v, spec=".1f": "–" if v is None else format(v, spec)
+    rows = ["| mode | ok | p50 s | p90 s | max s | max/T* | bay/direct | upstream/S (iface) | "
+            "upstream blob GETs/S | seed up/S | proxy↔proxy /S | from tracker /S | fallbacks | CPU busy avg / peak | "
+            "link use | bound by |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in MODES:
+        if name not in modes:
+            continue
+        m = modes[name]
+        bd = m["max_s"] / direct_max if (direct_max and m["max_s"] and name != "direct") else None
+        if name == "direct":
+            seed = p2p = trk = fb = None
+        else:
+            seed = m["tracker_delta"].get("seed_uploaded_bytes", 0) / S
+            p2p = m["proxy_totals"]["bytes_from_peers"] / S
+            trk = m["proxy_totals"]["bytes_from_trackers"] / S
+            fb = m["proxy_totals"]["fallbacks"]
+        rows.append(
+            f"| {name} | {m['ok']}/{n} | {f(m['p50_s'])} | {f(m['p90_s'])} | {f(m['max_s'])} | "
+            f"{f(m['max_over_tstar'], '.2f')} | {f(bd, '.3f')} | {m['upstream_iface_bytes'] / S:.3f} | "
+            f"{m['upstream_blob_bytes'] / S:.3f} | {f(seed, '.2f')} | {f(p2p, '.2f')} | {f(trk, '.2f')} | "
+            f"{'–' if fb is None else fb} | {100 * m['cpu']['busy_avg']:.0f} % / {100 * m['cpu']['busy_peak']:.0f} % | "
+            f"{100 * m['link_util']:.0f} % | {m['bound']}{'*' if others_share(m) > 0.1 else ''} |")
+    if any(others_share(m) > 0.1 for m in modes.values()):
+        rows.append("")
+        rows.append("\\* other processes on this shared machine (not this benchmark) used " + ", ".join(
+            f"{100 * others_share(m):.0f} % ({name})" for name, m in modes.items() if others_share(m) > 0.1)
+            + " of the CPU during the mode: the CPU-related numbers of those modes are distorted.")
+    return "\n".join(rows)
+
+
+def others_share(m: dict) -> float:
+    c = m["cpu"]
+    return c.get("other_core_s", 0.0) / (c["cores"] * c.get("window_s", m["wall_s"]))
+
+
+def target_lines(res: dict) -> str:
+    lines = []
+    for t in res["targets"]:
+        v = "not measured" if t["value"] is None else f"{t['value']:.3f}"
+        verdict = "–" if t["value"] is None else ("PASS" if t["pass"] else "FAIL")
+        note = f" ({t['note']})" if t["note"] else ""
+        lines.append(f"- {t['target']}: {v} vs ≤ {t['limit']:.3f}: **{verdict}**{note}")
+    return "\n".join(lines)
+
+
+def swarm_walls_any(res: dict) -> bool:
+    return any(n != "direct" for n in res["modes"])
+
+
+def plot(res: dict, out: Path) -> Path | None:
+    if not shutil.which("gnuplot"):
+        log("gnuplot missing: no plot (apt-get install gnuplot-nox)")
+        return None
+    data = out / "plot-data"
+    data.mkdir(exist_ok=True)
+    p = res["params"]
+    tstar = res["modes"][next(iter(res["modes"]))]["tstar_s"]
+    colors = {"direct": "#d62728", "cold": "#1f77b4", "warm": "#2ca02c"}
+    cdf_plots, cpu_plots, rate_plots = [], [], []
+    xmax = tstar * 1.2
+    for name, m in res["modes"].items():
+        times = sorted(r["seconds"] for r in m["nodes"] if r["ok"])
+        with open(data / f"{name}-cdf.dat", "w") as fh:
+            fh.write("0 0\n")
+            for i, t in enumerate(times):
+                fh.write(f"{t:.3f} {i / p['nodes']:.4f}\n{t:.3f} {(i + 1) / p['nodes']:.4f}\n")
+        with open(data / f"{name}-series.dat", "w") as fh:
+            for r in m["series"]:
+                fh.write(f"{r['t']:.3f} {100 * r['cpu_busy']:.2f} {100 * r['nodes_rx_bps'] / (p['nodes'] * p['bandwidth_bps']):.2f}\n")
+        xmax = max([xmax] + times)
+        c = colors[name]
+        label = f"{name} (max {m['max_s']:.1f} s)" if m["max_s"] else f"{name} (failed)"
+        cdf_plots.append(f"'{data}/{name}-cdf.dat' using 1:2 with lines lw 2 lc rgb '{c}' title '{label}'")
+        cpu_plots.append(f"'{data}/{name}-series.dat' using 1:2 with lines lw 1.5 lc rgb '{c}' title '{name}'")
+        rate_plots.append(f"'{data}/{name}-series.dat' using 1:3 with lines lw 1.5 lc rgb '{c}' title '{name}'")
+    direct_note = (f"; direct runs on to {res['modes']['direct']['wall_s']:.0f} s"
+                   if "direct" in res["modes"] and swarm_walls_any(res) else "")
+    swarm_walls = [m["wall_s"] for n, m in res["modes"].items() if n != "direct"]
+    # The direct mode's series is flat and long: the time panels show the swarm modes' span.
+    series_xmax = f"{1.1 * max(swarm_walls) + 1:.1f}" if swarm_walls else "*"
+    png = out / "cdf.png"
+    title = (f"bay swarm benchmark: N={p['nodes']}, S={fmt_bytes(res['image']['S'])}, "
+             f"B={fmt_rate(p['bandwidth_bps'])} per link, T*=S/B={tstar:.1f} s")
+    script = f"""
+set terminal pngcairo size 1100,1250 font ',10'
+set output '{png}'
+set multiplot layout 3,1 title '{title}'
+set grid
+set key left top
+set logscale x
+set format x '%g'
+set xtics (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+set mxtics 10
+set xrange [{max(0.5, tstar / 8):.2f}:{xmax * 1.15:.2f}]
+set yrange [0:1.02]
+set xlabel 'completion time since all pulls started (s, log scale)'
+set ylabel 'fraction of nodes done'
+set title 'completion-time CDF'
+set arrow 1 from {tstar:.3f}, graph 0 to {tstar:.3f}, graph 1 nohead dt 2 lw 2 lc rgb 'black'
+set label 1 'T*' at {tstar:.3f}, graph 1.03 center
+set arrow 2 from {1.3 * tstar:.3f}, graph 0 to {1.3 * tstar:.3f}, graph 1 nohead dt 3 lc rgb '#2ca02c'
+set label 2 '1.3T*' at {1.3 * tstar:.3f}, graph 0.05 left offset 0.3,0 tc rgb '#2ca02c'
+set arrow 3 from {2.3 * tstar:.3f}, graph 0 to {2.3 * tstar:.3f}, graph 1 nohead dt 3 lc rgb '#1f77b4'
+set label 3 '2.3T*' at {2.3 * tstar:.3f}, graph 0.05 left offset 0.3,0 tc rgb '#1f77b4'
+set arrow 4 from {p['nodes'] * tstar:.3f}, graph 0 to {p['nodes'] * tstar:.3f}, graph 1 nohead dt 3 lc rgb '#d62728'
+set label 4 'N·T*' at {p['nodes'] * tstar:.3f}, graph 0.05 left offset 0.3,0 tc rgb '#d62728'
+plot {', '.join(cdf_plots)}
+unset arrow; unset label; unset logscale x; unset xtics; set xtics; set mxtics default
+set xrange [0:{series_xmax}]
+set yrange [0:105]
+set title 'CPU busy, all {os.cpu_count()} cores (sampled every {p['sample_interval']} s){direct_note}'
+set ylabel 'CPU busy %'
+set xlabel 'time since the pulls started (s)'
+plot {', '.join(cpu_plots)}
+set yrange [0:*]
+set title 'sum of node download rates, % of N x B'
+set ylabel '% of N x B'
+plot {', '.join(rate_plots)}
+unset multiplot
+"""
+    (data / "plot.gp").write_text(script)
+    r = run(["gnuplot", str(data / "plot.gp")], check=False)
+    if r.returncode != 0:
+        log(f"gnuplot failed: {r.stderr.strip()[-500:]}")
+        return None
+    return png
+
+
+def report(res: dict, out: Path, png: Path | None) -> str:
+    p, img = res["params"], res["image"]
+    S = img["S"]
+    lines = [
+        f"## N={p['nodes']}, S={fmt_bytes(S)} ({img['layers']} layers + config), B={fmt_rate(p['bandwidth_bps'])}",
+        "",
+        f"T* = S/B = {res['modes'][next(iter(res['modes']))]['tstar_s']:.1f} s; "
+        + (f"link check: {res['link_check']['goodput_bps'] / 1e6:.1f} Mbit/s TCP goodput "
+           f"({100 * res['link_check']['fraction_of_B']:.1f} % of B). " if res.get("link_check") else "")
+        + f"Command: `{res['command']}`",
+        "",
+        table(res),
+        "",
+        "Targets:",
+        target_lines(res),
+        "",
+    ]
+    for name, m in res["modes"].items():
+        c = m["cpu"]
+        gib = m["node_rx_bytes"] / (1 << 30)
+        secs = ", ".join(f"{k} {v:.0f} s ({v / gib:.1f} s/GiB)" for k, v in c["cpu_seconds"].items() if v >= 0.5)
+        share = c["ours_core_s"] / (c["cores"] * c["window_s"])
+        extra = ""
+        if name != "direct":
+            lt = m["proxy_log_totals"]
+            extra = (f"; proxy log: {lt['swarm_blobs']} swarm blobs, from_peers {fmt_bytes(lt['from_peers'])}, "
+                     f"from_trackers {fmt_bytes(lt['from_trackers'])}, {lt['upstream_fallback_lines']} upstream-fallback lines; "
+                     f"tracker upstream_fetches +{m['tracker_delta'].get('upstream_fetches', 0)}")
+        lines.append(f"- {name}: wall {m['wall_s']:.1f} s; nodes received {m['node_rx_bytes'] / S:.2f}×S, "
+                     f"sent {m['node_tx_bytes'] / S:.2f}×S, tracker sent {m['tracker_tx_bytes'] / S:.2f}×S; "
+                     f"CPU {100 * c['busy_avg']:.0f} % avg, ≥90 % busy in {100 * c['saturated_fraction']:.0f} % of "
+                     f"samples; over {c['window_s']:.1f} s this benchmark's processes used {c['ours_core_s']:.0f} core-s = "
+                     f"{100 * share:.0f} % of the machine; CPU seconds (per GiB the nodes received): {secs}; all busy {c['busy_core_s']:.0f} core-s of which "
+                     f"irq/softirq {c['irq_core_s']:.0f}, other processes (not this benchmark) ≈ {c['other_core_s']:.0f}; "
+                     f"CPU busy before start {fmt_pct(c['before']['busy_before'])}"
+                     f"{'' if c['before']['quiet'] else ' (NOT quiet)'}{extra}")
+    if png:
+        lines += ["", f"Plot: [{png.name}]({png.name}) (next to this file)"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+def shown_args() -> list[str]:
+    """argv without what swarm.sh adds for itself (--run-id, --work-dir)."""
+    out, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a in ("--run-id", "--work-dir"):
+            skip = True
+        elif not a.startswith(("--run-id=", "--work-dir=")):
+            out.append(a)
+    return out
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        sys.exit(f"unknown modes {bad}; choose from {','.join(MODES)}")
+    args.modes = [m for m in MODES if m in args.modes]
+    if not 1 <= args.nodes <= 200:
+        sys.exit("--nodes must be 1..200")
+    if not re.fullmatch(r"10\.\d{1,3}\.\d{1,3}", args.subnet):
+        sys.exit("--subnet must be three octets inside 10.0.0.0/8, e.g. 10.251.0")
+    derive_timeouts(args)
+    if args.replot:
+        res = json.loads(Path(args.replot).read_text())
+        out = Path(args.replot).parent
+        png = plot(res, out)
+        text = report(res, out, png)
+        (out / "results.md").write_text(text)
+        print(text)
+        return 0
+    if args.print_timeout:
+        print(int(args.timeout))
+        return 0
+    if os.geteuid() != 0:
+        sys.exit("needs root (network namespaces, tc): run bench/swarm.sh as root")
+    repo = Path(__file__).resolve().parent.parent
+    args.bin_dir = args.bin_dir or str(repo / "target" / "release")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out = args.out or str(repo / "bench" / "out" /
+                               f"{stamp}-n{args.nodes}-s{fmt_bytes(args.size).replace(' ', '').replace('.0', '')}"
+                               f"-b{args.bandwidth // 10**6}m")
+    for b in ("bay-proxy", "bay-tracker"):
+        if not os.access(Path(args.bin_dir) / b, os.X_OK):
+            sys.exit(f"{Path(args.bin_dir) / b} missing: cargo build --release --bins")
+
+    aborting = []
+
+    def on_signal(signum, _frame):
+        if aborting:  # a second Ctrl-C (or timeout's forwarded copy) while unwinding
+            return
+        aborting.append(signum)
+        raise Abort(f"signal {signal.Signals(signum).name}")
+
+    def on_alarm(_signum, _frame):
+        raise Abort(f"overall time limit of {args.timeout:.0f} s reached")
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(int(args.timeout))
+
+    bench = Bench(args)
+    res_binaries = bench.binaries
+    log(f"run {bench.rid}: N={args.nodes}, S={fmt_bytes(args.size)}, B={fmt_rate(args.bandwidth)}, "
+        f"modes {','.join(args.modes)}; phase timeout {args.phase_timeout:.0f} s, overall {args.timeout:.0f} s; "
+        f"results in {args.out}")
+    res: dict = {
+        "command": " ".join(["bench/swarm.sh", *shown_args()]),
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "params": {"nodes": args.nodes, "size_payload": args.size, "layers": args.layers,
+                   "bandwidth_bps": args.bandwidth, "modes": args.modes, "subnet": f"{args.subnet}.0/24",
+                   "tc": {"qdisc": "tbf", "latency_ms": args.tc_latency_ms}, "phase_timeout_s": args.phase_timeout,
+                   "timeout_s": args.timeout, "proxy_args": args.proxy_arg, "tracker_args": args.tracker_arg,
+                   "sample_interval": args.sample_interval, "run_id": bench.rid, "client": args.client},
+        "machine": machine_info(Path(args.bin_dir)),
+        "binaries": res_binaries,
+        "modes": {},
+    }
+    status = 0
+    try:
+        bench.build_network()
+        res["params"]["tc"]["burst_bytes"] = bench.tc_burst
+        bench.start_registry()
+        image = bench.push_image()
+        S = sum(b["size"] for b in image["layers"] + [image["config"]])
+        res["image"] = {"S": S, "layers": args.layers, "manifest": image["manifest"]["digest"],
+                        "blobs": image["layers"] + [image["config"]]}
+        if not args.no_link_check:
+            res["link_check"] = bench.link_check()
+        for mode in args.modes:
+            if mode != "direct" and bench.tracker is None:
+                bench.start_tracker()
+            if mode == "warm" and "cold" not in args.modes:
+                bench.prewarm_tracker(image)
+            if mode != "direct":
+                bench.start_proxies(mode)
+            try:
+                res["modes"][mode] = bench.run_mode(mode, image)
+            finally:
+                bench.stop_proxies()
+    except Abort as e:
+        log(f"aborted: {e}")
+        res["aborted"] = str(e)
+        status = 130
+    except Exception as e:  # noqa: BLE001 - report, tidy up, fail
+        log(f"failed: {type(e).__name__}: {e}")
+        res["error"] = f"{type(e).__name__}: {e}"
+        status = 1
+    finally:
+        signal.alarm(0)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        log("tidying up: processes, namespaces, scratch directory")
+        bench.cleanup()
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+
+    res["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    out = Path(args.out)
+    if res["modes"]:
+        res["targets"] = targets(res, args.nodes)
+        png = plot(res, out)
+        res["plot"] = str(png) if png else None
+        text = report(res, out, png)
+        (out / "results.md").write_text(text)
+        print(text)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    log(f"results: {out / 'results.json'}")
+    if status == 0 and any(m["ok"] < args.nodes for m in res["modes"].values()):
+        status = 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
