@@ -188,6 +188,29 @@ pub enum VerifyError {
 /// Checks a file has `digest` (sha256/sha512 only, for files whose pieces were already checked
 /// against their torrent).
 pub async fn verify_digest(path: &Path, digest: &Digest) -> Result<(), VerifyError> {
+    hash_file(path, digest, None).await
+}
+
+/// Hashes a file completely: checks it has `digest` and builds its torrent in the same pass.
+pub async fn verify_file(path: &Path, digest: &Digest) -> Result<BlobTorrent, VerifyError> {
+    let size = tokio::fs::metadata(path).await?.len();
+    let mut builder = crate::torrent::TorrentBuilder::new(digest.clone(), size).map_err(|_| {
+        VerifyError::Empty {
+            path: path.display().to_string(),
+        }
+    })?;
+    hash_file(path, digest, Some(&mut builder)).await?;
+    builder
+        .finish()
+        .map_err(|e| VerifyError::Io(io::Error::other(e.to_string())))
+}
+
+/// One read of a file: its digest checked, and its pieces fed to `builder` if given.
+async fn hash_file(
+    path: &Path,
+    digest: &Digest,
+    mut builder: Option<&mut crate::torrent::TorrentBuilder>,
+) -> Result<(), VerifyError> {
     use tokio::io::AsyncReadExt;
     let mut file = tokio::fs::File::open(path).await?;
     let mut verifier = digest.verifier();
@@ -198,6 +221,9 @@ pub async fn verify_digest(path: &Path, digest: &Digest) -> Result<(), VerifyErr
             break;
         }
         verifier.update(&buf[..n]);
+        if let Some(b) = builder.as_deref_mut() {
+            b.update(&buf[..n]);
+        }
     }
     let got = verifier.finish();
     if &got != digest {
@@ -208,39 +234,6 @@ pub async fn verify_digest(path: &Path, digest: &Digest) -> Result<(), VerifyErr
         });
     }
     Ok(())
-}
-
-/// Hashes a file completely: checks it has `digest` and builds its torrent in the same pass.
-pub async fn verify_file(path: &Path, digest: &Digest) -> Result<BlobTorrent, VerifyError> {
-    use tokio::io::AsyncReadExt;
-    let mut file = tokio::fs::File::open(path).await?;
-    let size = file.metadata().await?.len();
-    let mut verifier = digest.verifier();
-    let mut builder = crate::torrent::TorrentBuilder::new(digest.clone(), size).map_err(|_| {
-        VerifyError::Empty {
-            path: path.display().to_string(),
-        }
-    })?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        verifier.update(&buf[..n]);
-        builder.update(&buf[..n]);
-    }
-    let got = verifier.finish();
-    if &got != digest {
-        return Err(VerifyError::Mismatch {
-            path: path.display().to_string(),
-            want: digest.clone(),
-            got,
-        });
-    }
-    builder
-        .finish()
-        .map_err(|e| VerifyError::Io(io::Error::other(e.to_string())))
 }
 
 #[cfg(test)]
