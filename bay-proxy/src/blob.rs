@@ -202,23 +202,7 @@ impl Blobs {
             // 4. Straight from upstream, verified, and cached and seeded if it verifies.
             None => {
                 self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-                let resp = self
-                    .upstream
-                    .get_blob(&req.registry, &req.name, &req.digest, &req.creds())
-                    .await?;
-                let size = resp.content_length().or(upstream_size).ok_or_else(|| {
-                    ProxyError::Io(std::io::Error::other("upstream sent no blob length"))
-                })?;
-                let tee = Tee::new(self, &req.digest, size).await;
-                let mut body = VerifyingBody::new(
-                    self.clone(),
-                    req.digest.clone(),
-                    Some(req.clone()),
-                    size,
-                    Source::Upstream { resp, skip: 0 },
-                );
-                body.tee = tee;
-                body
+                self.upstream_body(&req, upstream_size).await?
             }
         };
         Ok(blob_response(
@@ -477,15 +461,20 @@ impl Blobs {
         }
     }
 
-    /// Gets a whole blob from upstream into the cache (for Range requests the swarm could not
-    /// serve).
-    async fn fetch_to_cache(self: &Arc<Self>, req: &BlobRequest) -> Result<(), ProxyError> {
+    /// A verified body of the blob from upstream that also caches and seeds it (unless the
+    /// cache cannot be written, which only costs the caching).
+    async fn upstream_body(
+        self: &Arc<Self>,
+        req: &BlobRequest,
+        size_hint: Option<u64>,
+    ) -> Result<VerifyingBody, ProxyError> {
         let resp = self
             .upstream
             .get_blob(&req.registry, &req.name, &req.digest, &req.creds())
             .await?;
         let size = resp
             .content_length()
+            .or(size_hint)
             .ok_or_else(|| ProxyError::Io(std::io::Error::other("upstream sent no blob length")))?;
         let mut body = VerifyingBody::new(
             self.clone(),
@@ -495,6 +484,13 @@ impl Blobs {
             Source::Upstream { resp, skip: 0 },
         );
         body.tee = Tee::new(self, &req.digest, size).await;
+        Ok(body)
+    }
+
+    /// Gets a whole blob from upstream into the cache (for Range requests the swarm could not
+    /// serve).
+    async fn fetch_to_cache(self: &Arc<Self>, req: &BlobRequest) -> Result<(), ProxyError> {
+        let mut body = self.upstream_body(req, None).await?;
         if body.tee.is_none() {
             return Err(ProxyError::Io(std::io::Error::other(
                 "cannot write to the cache",
