@@ -1,6 +1,8 @@
 //! The tracker's HTTP API as both sides see it, and the registry-style error body that every
 //! bay HTTP surface answers with.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
@@ -105,6 +107,9 @@ pub struct TrackerStats {
     pub swarms: u64,
     pub peers: u64,
     pub seed_uploaded_bytes: u64,
+    /// Blob bytes handed to proxies as torrents against bytes fetched upstream, per image.
+    #[serde(default)]
+    pub savings: SavingsReport,
 }
 
 /// `GET /_bay/stats` on a proxy.
@@ -120,6 +125,32 @@ pub struct ProxyStats {
     pub bytes_from_upstream: u64,
     pub blobs_held: u64,
     pub bytes_held: u64,
+    /// Blob bytes served to clients against bytes fetched upstream, per image.
+    #[serde(default)]
+    pub savings: SavingsReport,
+}
+
+/// Upstream traffic one image (`<registry>/<repository>`) cost against what was delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSavings {
+    pub bytes_served: u64,
+    pub bytes_from_upstream: u64,
+    /// `bytes_served - bytes_from_upstream`, never below zero.
+    #[serde(default)]
+    pub bytes_saved: u64,
+}
+
+impl ImageSavings {
+    pub fn with_saved(mut self) -> Self {
+        self.bytes_saved = self.bytes_served.saturating_sub(self.bytes_from_upstream);
+        self
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SavingsReport {
+    pub total: ImageSavings,
+    pub images: BTreeMap<String, ImageSavings>,
 }
 
 #[cfg(test)]

@@ -17,8 +17,6 @@ use tower::ServiceExt;
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for requests in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Both ends of a connection, available to handlers as `ConnectInfo<Conn>`: the remote is the
 /// client, the local address is how the client reached us.
@@ -28,13 +26,15 @@ pub struct Conn {
     pub local: SocketAddr,
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains connections.
+/// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets requests
+/// in flight finish for up to `drain`, and cuts what is left.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()>,
+    drain: Duration,
 ) -> std::io::Result<()> {
-    serve_with(listener, app, shutdown, HEADER_READ_TIMEOUT).await
+    serve_with(listener, app, shutdown, HEADER_READ_TIMEOUT, drain).await
 }
 
 async fn serve_with(
@@ -42,6 +42,7 @@ async fn serve_with(
     app: Router,
     shutdown: impl Future<Output = ()>,
     header_timeout: Duration,
+    drain: Duration,
 ) -> std::io::Result<()> {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -49,6 +50,7 @@ async fn serve_with(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
@@ -75,19 +77,21 @@ async fn serve_with(
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%remote, "connection ended: {e}");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    if tokio::time::timeout(drain, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+        tracing::warn!("requests still in flight after {drain:?}; cutting them");
     }
+    connections.shutdown().await;
     Ok(())
 }
 
@@ -116,6 +120,7 @@ mod tests {
                 let _ = stopped.await;
             },
             header_timeout,
+            Duration::from_secs(1),
         ));
         let exchange = |req: Vec<u8>| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -151,5 +156,72 @@ mod tests {
         assert!(read.is_ok(), "slow client still connected");
         let _ = stop.send(());
         server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_finishes_requests_in_flight_and_cuts_the_rest() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new()
+            .route(
+                "/quick",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "done"
+                }),
+            )
+            .route(
+                "/endless",
+                get(|| async {
+                    let s = futures::stream::unfold((), |()| async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")), ()))
+                    });
+                    axum::body::Body::from_stream(s)
+                }),
+            );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let drain = Duration::from_millis(800);
+        let server = tokio::spawn(serve_with(
+            listener,
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            HEADER_READ_TIMEOUT,
+            drain,
+        ));
+        let request = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let quick = tokio::spawn(request("/quick"));
+        let endless = tokio::spawn(request("/endless"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t0 = std::time::Instant::now();
+        let _ = stop.send(());
+        // New connections are refused once shutdown began.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        let quick = quick.await.unwrap();
+        assert!(
+            quick.starts_with("HTTP/1.1 200") && quick.ends_with("done"),
+            "{quick}"
+        );
+        let endless = tokio::time::timeout(Duration::from_secs(5), endless)
+            .await
+            .expect("a response outliving the drain deadline is cut")
+            .unwrap();
+        assert!(endless.starts_with("HTTP/1.1 200"), "{endless}");
+        // Chunked and never finished: no terminating zero-length chunk.
+        assert!(!endless.ends_with("0\r\n\r\n"), "{endless}");
+        server.await.unwrap().unwrap();
+        let took = t0.elapsed();
+        assert!(took >= drain && took < drain * 4, "{took:?}");
     }
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -20,6 +21,7 @@ pub struct Store {
     tmp_dir: PathBuf,
     capacity: u64,
     index: Mutex<Index>,
+    evictions: AtomicU64,
 }
 
 #[derive(Default)]
@@ -51,6 +53,7 @@ impl Store {
             tmp_dir,
             capacity,
             index: Mutex::new(Index::default()),
+            evictions: AtomicU64::new(0),
         })
     }
 
@@ -152,6 +155,8 @@ impl Store {
                 victims.push(e.torrent);
             }
         }
+        self.evictions
+            .fetch_add(victims.len() as u64, Ordering::Relaxed);
         victims
     }
 
@@ -168,6 +173,11 @@ impl Store {
     pub fn usage(&self) -> (u64, u64) {
         let ix = self.index.lock().expect("store index poisoned");
         (ix.blobs.len() as u64, ix.bytes)
+    }
+
+    /// Blobs evicted to stay under the capacity since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
     }
 }
 
@@ -258,6 +268,7 @@ mod tests {
         assert!(store.get(b.digest()).is_none());
         assert!(store.holds(&a.info_hash()) && !store.holds(&b.info_hash()));
         assert_eq!(store.usage(), (2, 1000 + 1002));
+        assert_eq!(store.evictions(), 1);
         assert_eq!(store.remove(a.digest()), Some(a.clone()));
         assert_eq!(store.remove(a.digest()), None);
         assert!(store.get(a.digest()).is_none() && !store.holds(&a.info_hash()));

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,17 +17,20 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bay_common::access::AccessCache;
 use bay_common::api::ProxyStats;
+use bay_common::metrics::Outcome;
 use bay_common::store::{Store, verify_digest, verify_file};
 use bay_common::torrent::{BlobTorrent, TorrentBuilder};
 use bay_common::upstream::{Credentials, UpstreamClient};
 use bay_common::{Digest, Registry, RepositoryName, Verifier};
 use bytes::Bytes;
+use futures::StreamExt as _;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::ProxyError;
+use crate::metrics::{Metrics, outcome, reason, source};
 use crate::range::ByteRange;
 use crate::swarm::{BlobRead, Handle, Swarm};
 use crate::trackers::{Trackers, TrackersError};
@@ -54,17 +57,11 @@ impl BlobRequest {
     fn creds(&self) -> Credentials {
         Credentials::from_client(self.authorization.as_ref())
     }
-}
 
-#[derive(Default)]
-pub struct Counters {
-    pub blobs_served: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub swarm_downloads: AtomicU64,
-    pub fallbacks: AtomicU64,
-    pub bytes_from_peers: AtomicU64,
-    pub bytes_from_trackers: AtomicU64,
-    pub bytes_from_upstream: AtomicU64,
+    /// The ledger's key: `<registry>/<repository>`.
+    fn image(&self) -> String {
+        format!("{}/{}", self.registry.authority(), self.name)
+    }
 }
 
 /// A swarm download in progress, shared by every client asking for the blob meanwhile.
@@ -89,7 +86,7 @@ pub struct Blobs {
     access: AccessCache,
     stall_timeout: Duration,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
-    pub counters: Counters,
+    pub metrics: Metrics,
     /// Stops the background work of downloads at shutdown.
     stop: CancellationToken,
 }
@@ -111,13 +108,27 @@ impl Blobs {
             access: AccessCache::default(),
             stall_timeout,
             downloads: Mutex::default(),
-            counters: Counters::default(),
+            metrics: Metrics::default(),
             stop,
         }
     }
 
     /// Answers `GET /v2/<name>/blobs/<digest>`.
     pub async fn get(
+        self: &Arc<Self>,
+        req: BlobRequest,
+        range: Option<&str>,
+    ) -> Result<Response, ProxyError> {
+        let answer = self.answer(req, range).await;
+        match &answer {
+            Ok(_) => {}
+            Err(ProxyError::Refused(_)) => self.metrics.request(outcome::REFUSED),
+            Err(_) => self.metrics.request(outcome::FAILED),
+        }
+        answer
+    }
+
+    async fn answer(
         self: &Arc<Self>,
         req: BlobRequest,
         range: Option<&str>,
@@ -133,13 +144,12 @@ impl Blobs {
                 &req.creds(),
             )
             .await?;
-        self.counters.blobs_served.fetch_add(1, Ordering::Relaxed);
 
         // 2. Held locally: serve from disk.
         if let Some(t) = self.store.get(&req.digest) {
-            self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.request(outcome::CACHE_HIT);
             tracing::debug!(size = t.size(), "serving blob from cache");
-            return self.serve_file(&req.digest, t.size(), range).await;
+            return self.serve_file(&req, t.size(), range).await;
         }
 
         // 3. From the swarm, as pieces arrive.
@@ -163,29 +173,37 @@ impl Blobs {
                     .and_then(|o| *o),
                 None => None,
             };
-            if verified != Some(true) {
-                self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+            if verified == Some(true) {
+                self.metrics.request(outcome::SWARM);
+            } else {
+                self.metrics.fallback(if download.is_some() {
+                    reason::RANGE
+                } else {
+                    reason::NO_TORRENT
+                });
                 self.fetch_to_cache(&req).await?;
+                self.metrics.request(outcome::UPSTREAM);
             }
             let t = self.store.get(&req.digest).ok_or_else(|| {
                 ProxyError::Io(std::io::Error::other("blob vanished from the cache"))
             })?;
-            return self.serve_file(&req.digest, t.size(), Some(range)).await;
+            return self.serve_file(&req, t.size(), Some(range)).await;
         }
         // A download whose torrent already failed (a full disk, say) cannot be streamed: its
         // clients go to upstream like those without a swarm.
         let streamable = match download {
             Some(d) => match Swarm::open(&d.handle, 0).await {
-                Ok(reader) => Some((d, reader)),
+                Ok(reader) => Ok((d, reader)),
                 Err(e) => {
                     tracing::warn!("swarm download unusable, streaming from upstream: {e}");
-                    None
+                    Err(reason::SWARM_UNUSABLE)
                 }
             },
-            None => None,
+            None => Err(reason::NO_TORRENT),
         };
         let body = match streamable {
-            Some((d, reader)) => {
+            Ok((d, reader)) => {
+                self.metrics.request(outcome::SWARM);
                 let size = d.torrent.size();
                 VerifyingBody::new(
                     self.clone(),
@@ -200,9 +218,11 @@ impl Blobs {
                 )
             }
             // 4. Straight from upstream, verified, and cached and seeded if it verifies.
-            None => {
-                self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-                self.upstream_body(&req, upstream_size).await?
+            Err(why) => {
+                self.metrics.fallback(why);
+                let body = self.upstream_body(&req, upstream_size).await?;
+                self.metrics.request(outcome::UPSTREAM);
+                body
             }
         };
         Ok(blob_response(
@@ -257,9 +277,6 @@ impl Blobs {
             }
             map.insert(req.digest.clone(), download.clone());
         }
-        self.counters
-            .swarm_downloads
-            .fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
         let d = download.clone();
         let trackers = self.trackers.ips();
@@ -379,13 +396,15 @@ impl Blobs {
             t.cancel();
         }
         let (from_trackers, from_peers) = peer_bytes(&d.handle, &tracker_ips);
-        self.counters
-            .bytes_from_trackers
-            .fetch_add(from_trackers, Ordering::Relaxed);
-        self.counters
-            .bytes_from_peers
-            .fetch_add(from_peers, Ordering::Relaxed);
+        self.metrics.received(source::TRACKER_SEED, from_trackers);
+        self.metrics.received(source::PEERS, from_peers);
         let ok = finished && self.keep(&d).await;
+        self.metrics
+            .swarm_downloads
+            .get_or_create(&Outcome {
+                outcome: if ok { "cached" } else { "failed" },
+            })
+            .inc();
         if !ok {
             self.swarm.remove(ih, false).await;
             let _ = tokio::fs::remove_file(self.store.tmp_dir().join(d.torrent.file_name())).await;
@@ -468,6 +487,7 @@ impl Blobs {
         req: &BlobRequest,
         size_hint: Option<u64>,
     ) -> Result<VerifyingBody, ProxyError> {
+        self.metrics.upstream_fetches.inc();
         let resp = self
             .upstream
             .get_blob(&req.registry, &req.name, &req.digest, &req.creds())
@@ -491,6 +511,7 @@ impl Blobs {
     /// serve).
     async fn fetch_to_cache(self: &Arc<Self>, req: &BlobRequest) -> Result<(), ProxyError> {
         let mut body = self.upstream_body(req, None).await?;
+        body.to_client = false;
         if body.tee.is_none() {
             return Err(ProxyError::Io(std::io::Error::other(
                 "cannot write to the cache",
@@ -505,10 +526,11 @@ impl Blobs {
     /// Serves a verified blob from disk; a whole-blob GET is re-hashed on the way out.
     async fn serve_file(
         self: &Arc<Self>,
-        digest: &Digest,
+        req: &BlobRequest,
         size: u64,
         range: Option<&str>,
     ) -> Result<Response, ProxyError> {
+        let digest = &req.digest;
         let path = self.store.blob_path(digest);
         let mut file = tokio::fs::File::open(&path).await?;
         let range = match range {
@@ -522,7 +544,14 @@ impl Blobs {
             Some(r) if !(r.start == 0 && r.end + 1 == size) => {
                 file.seek(std::io::SeekFrom::Start(r.start)).await?;
                 let len = r.end + 1 - r.start;
-                let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), CHUNK);
+                self.metrics.ledger.served(&req.image(), len);
+                let this = self.clone();
+                let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), CHUNK)
+                    .inspect(move |c| {
+                        if let Ok(c) = c {
+                            this.metrics.served(source::CACHE, c.len() as u64);
+                        }
+                    });
                 Ok(blob_response(
                     digest,
                     len,
@@ -532,13 +561,14 @@ impl Blobs {
                 ))
             }
             _ => {
-                let body = VerifyingBody::new(
+                let mut body = VerifyingBody::new(
                     self.clone(),
                     digest.clone(),
                     None,
                     size,
                     Source::File { file },
                 );
+                body.image = req.image();
                 let status = if range.is_some() {
                     StatusCode::PARTIAL_CONTENT
                 } else {
@@ -551,19 +581,28 @@ impl Blobs {
     }
 
     pub fn stats(&self) -> ProxyStats {
-        let c = &self.counters;
+        let m = &self.metrics;
         let (blobs_held, bytes_held) = self.store.usage();
+        let cache_hits = m.requests(outcome::CACHE_HIT);
+        let swarm = m.requests(outcome::SWARM);
         ProxyStats {
-            blobs_served: c.blobs_served.load(Ordering::Relaxed),
-            cache_hits: c.cache_hits.load(Ordering::Relaxed),
-            swarm_downloads: c.swarm_downloads.load(Ordering::Relaxed),
-            fallbacks: c.fallbacks.load(Ordering::Relaxed),
-            bytes_from_peers: c.bytes_from_peers.load(Ordering::Relaxed),
-            bytes_from_trackers: c.bytes_from_trackers.load(Ordering::Relaxed),
-            bytes_from_upstream: c.bytes_from_upstream.load(Ordering::Relaxed),
+            blobs_served: cache_hits + swarm + m.requests(outcome::UPSTREAM),
+            cache_hits,
+            swarm_downloads: swarm,
+            fallbacks: m.fallbacks_total(),
+            bytes_from_peers: m.received_total(source::PEERS),
+            bytes_from_trackers: m.received_total(source::TRACKER_SEED),
+            bytes_from_upstream: m.received_total(source::UPSTREAM),
             blobs_held,
             bytes_held,
+            savings: m.ledger.report(),
         }
+    }
+
+    /// The `/metrics` exposition, with the cache readings brought up to date.
+    pub fn render_metrics(&self) -> Response {
+        self.metrics
+            .render(self.store.usage(), self.store.evictions())
     }
 
     /// Verifies and re-seeds blobs an earlier run left in the cache.
@@ -717,6 +756,18 @@ impl Tee {
     }
 }
 
+impl Drop for VerifyingBody {
+    fn drop(&mut self) {
+        let ledger = &self.blobs.metrics.ledger;
+        if self.to_client && !self.image.is_empty() {
+            ledger.served(&self.image, self.sent);
+        }
+        if self.from_upstream > 0 {
+            ledger.fetched(&self.image, self.from_upstream);
+        }
+    }
+}
+
 impl Drop for Tee {
     fn drop(&mut self) {
         // Unless committed (renamed away), the partial file goes.
@@ -740,6 +791,10 @@ struct VerifyingBody {
     done: bool,
     started: Instant,
     from_upstream: u64,
+    /// False when the body only fills the cache (a Range request's fallback).
+    to_client: bool,
+    /// The ledger's key, `<registry>/<repository>`.
+    image: String,
 }
 
 impl VerifyingBody {
@@ -754,7 +809,6 @@ impl VerifyingBody {
             verifier: Some(Verifier::new(digest.algorithm())),
             blobs,
             digest,
-            req,
             source,
             size,
             sent: 0,
@@ -763,6 +817,9 @@ impl VerifyingBody {
             done: false,
             started: Instant::now(),
             from_upstream: 0,
+            to_client: true,
+            image: req.as_ref().map(BlobRequest::image).unwrap_or_default(),
+            req,
         }
     }
 
@@ -800,6 +857,14 @@ impl VerifyingBody {
                 chunk
             };
             self.sent += chunk.len() as u64;
+            if self.to_client {
+                let from = match self.source {
+                    Source::File { .. } => source::CACHE,
+                    Source::Swarm { .. } => source::SWARM,
+                    Source::Upstream { .. } => source::UPSTREAM,
+                };
+                self.blobs.metrics.served(from, chunk.len() as u64);
+            }
             if let Some(v) = self.verifier.as_mut() {
                 v.update(&chunk);
             }
@@ -908,9 +973,8 @@ impl VerifyingBody {
                             )
                         })?;
                     self.blobs
-                        .counters
-                        .bytes_from_upstream
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        .metrics
+                        .received(source::UPSTREAM, chunk.len() as u64);
                     self.from_upstream += chunk.len() as u64;
                     if *skip >= chunk.len() as u64 {
                         *skip -= chunk.len() as u64;
@@ -941,6 +1005,7 @@ impl VerifyingBody {
                         }
                         Ok(Err(e)) => {
                             tracing::warn!("swarm stream failed, continuing from upstream: {e}");
+                            self.blobs.metrics.fallback(reason::SWARM_ERROR);
                         }
                         Err(_) => {
                             let progress = download.handle.stats().progress_bytes;
@@ -959,12 +1024,9 @@ impl VerifyingBody {
                                 "swarm made no progress for {:?}, continuing from upstream",
                                 self.blobs.stall_timeout
                             );
+                            self.blobs.metrics.fallback(reason::STALL);
                         }
                     }
-                    self.blobs
-                        .counters
-                        .fallbacks
-                        .fetch_add(1, Ordering::Relaxed);
                     self.switch_to_upstream().await?;
                 }
             }
@@ -975,6 +1037,7 @@ impl VerifyingBody {
         let Some(r) = &self.req else {
             return Err(std::io::Error::other("no upstream to continue from"));
         };
+        self.blobs.metrics.upstream_fetches.inc();
         let resp = self
             .blobs
             .upstream

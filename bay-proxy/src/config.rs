@@ -54,6 +54,11 @@ pub struct Config {
     /// swarm leaves room on the link for everything else. Default: unlimited.
     #[arg(long, env = "BAY_UPLOAD_LIMIT", value_parser = parse_size)]
     pub upload_limit: Option<u64>,
+
+    /// Seconds that shutdown (SIGTERM) waits for blob downloads and responses in flight before
+    /// cutting them. Clients whose response is cut retry; nothing partial is cached.
+    #[arg(long, env = "BAY_DRAIN_TIMEOUT", default_value_t = 10)]
+    pub drain_timeout: u64,
 }
 
 impl Default for Config {

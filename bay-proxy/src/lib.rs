@@ -4,6 +4,7 @@
 pub mod blob;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod passthrough;
 pub mod range;
 pub mod route;
@@ -60,6 +61,7 @@ pub async fn run(
         config: config.clone(),
         blobs: blobs.clone(),
         passthrough: passthrough::Passthrough::new()?,
+        ready: Default::default(),
     });
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -68,12 +70,16 @@ pub async fn run(
         upstreams = ?config.upstreams.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
         "bay-proxy listening"
     );
-    let reseed = tokio::spawn(
-        blobs
-            .reseed_leftovers()
-            .instrument(tracing::info_span!("reseed")),
-    );
-    let result = bay_common::serve::serve(listener, routes::app(state), shutdown).await;
+    let reseed = tokio::spawn({
+        let state = state.clone();
+        async move {
+            blobs.reseed_leftovers().await;
+            state.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        .instrument(tracing::info_span!("reseed"))
+    });
+    let drain = std::time::Duration::from_secs(config.drain_timeout);
+    let result = bay_common::serve::serve(listener, routes::app(state), shutdown, drain).await;
     stop.cancel();
     reseed.abort();
     swarm.stop().await;

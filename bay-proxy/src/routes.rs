@@ -3,10 +3,11 @@
 //! with.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{Method, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tracing::Instrument;
@@ -21,6 +22,8 @@ pub struct AppState {
     pub config: Config,
     pub blobs: Arc<Blobs>,
     pub passthrough: Passthrough,
+    /// Set once the cache left by an earlier run is verified and seeded again.
+    pub ready: AtomicBool,
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
@@ -28,6 +31,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/_bay/healthz", get(|| async { "ok\n" }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/_bay/stats", get(stats))
+        .route("/_bay/readyz", get(readyz))
+        .route("/readyz", get(readyz))
+        .route("/_bay/metrics", get(metrics))
+        .route("/metrics", get(metrics))
         .fallback(registry)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -35,6 +42,23 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 async fn stats(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(state.blobs.stats()).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.blobs.render_metrics()
+}
+
+/// 200 once start-up is done (the cache left by an earlier run verified and seeded again).
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        "ready\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "verifying the cache left by an earlier run\n",
+        )
+            .into_response()
+    }
 }
 
 async fn registry(State(state): State<Arc<AppState>>, req: Request) -> Response {

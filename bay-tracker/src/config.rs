@@ -49,6 +49,20 @@ pub struct Config {
     /// swarm leaves room on the link for everything else. Default: unlimited.
     #[arg(long, env = "BAY_UPLOAD_LIMIT", value_parser = parse_size)]
     pub upload_limit: Option<u64>,
+
+    /// Most blob fetches from upstream at once; more wait their turn (their proxies wait for
+    /// the torrent rather than going upstream themselves). 0: unlimited.
+    #[arg(long, env = "BAY_UPSTREAM_CONCURRENCY", default_value_t = 16)]
+    pub upstream_concurrency: usize,
+
+    /// Most bytes per second all upstream fetches together receive (K/M/G suffixes allowed),
+    /// so a cold burst cannot fill the site's internet link. Default: unlimited.
+    #[arg(long, env = "BAY_UPSTREAM_RATE", value_parser = parse_size)]
+    pub upstream_rate: Option<u64>,
+
+    /// Seconds that shutdown (SIGTERM) waits for requests in flight before cutting them.
+    #[arg(long, env = "BAY_DRAIN_TIMEOUT", default_value_t = 10)]
+    pub drain_timeout: u64,
 }
 
 impl Default for Config {
@@ -102,6 +116,10 @@ mod tests {
         let d = Config::default();
         assert_eq!(d.listen.port(), 6880);
         assert_eq!(d.peer_port, 6881);
+        assert_eq!((d.upstream_concurrency, d.upstream_rate), (16, None));
+        let c = Config::parse_from(["bay-tracker", "--upstream-rate", "10M"]);
+        assert_eq!(c.upstream_rate, Some(10 << 20));
+        assert!(Config::try_parse_from(["bay-tracker", "--upstream-rate", "fast"]).is_err());
         assert!(
             Config::try_parse_from(["bay-tracker", "--upstream", "ftp://x"]).is_err(),
             "bad upstream must be refused"

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bay_common::store::VerifyError;
 use bay_common::torrent::{BlobTorrent, TorrentBuilder};
@@ -21,6 +20,8 @@ use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use crate::error::TrackerError;
+use crate::limit::UpstreamLimits;
+use crate::metrics::Metrics;
 use crate::seeder::Seeder;
 use bay_common::access::AccessCache;
 use bay_common::store::Store;
@@ -36,29 +37,31 @@ pub struct Source {
     pub creds: Credentials,
 }
 
-#[derive(Default)]
-pub struct FetchStats {
-    pub upstream_fetches: AtomicU64,
-    pub upstream_bytes: AtomicU64,
-}
-
 pub struct Blobs {
     pub store: Arc<Store>,
     pub seeder: Arc<Seeder>,
     pub upstream: Arc<UpstreamClient>,
     pub access: AccessCache,
-    pub stats: Arc<FetchStats>,
+    pub metrics: Arc<Metrics>,
+    limits: UpstreamLimits,
     flights: Mutex<HashMap<Digest, Flight>>,
 }
 
 impl Blobs {
-    pub fn new(store: Arc<Store>, seeder: Arc<Seeder>, upstream: Arc<UpstreamClient>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        seeder: Arc<Seeder>,
+        upstream: Arc<UpstreamClient>,
+        metrics: Arc<Metrics>,
+        limits: UpstreamLimits,
+    ) -> Self {
         Self {
             store,
             seeder,
             upstream,
             access: AccessCache::default(),
-            stats: Arc::default(),
+            metrics,
+            limits,
             flights: Mutex::default(),
         }
     }
@@ -180,12 +183,29 @@ impl Blobs {
         digest: &Digest,
         source: &Source,
     ) -> Result<BlobTorrent, TrackerError> {
+        let slot = if self.limits.saturated() {
+            tracing::info!("waiting for an upstream fetch slot (--upstream-concurrency)");
+            self.metrics.upstream_queued.inc();
+            let slot = self.limits.slot().await;
+            self.metrics.upstream_queued.dec();
+            slot
+        } else {
+            self.limits.slot().await
+        };
         let started = std::time::Instant::now();
-        let mut resp = self
+        let mut resp = match self
             .upstream
             .get_blob(&source.registry, &source.name, digest, &source.creds)
-            .await?;
-        self.stats.upstream_fetches.fetch_add(1, Ordering::Relaxed);
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.upstream_fetch("failed");
+                return Err(e.into());
+            }
+        };
+        let image = format!("{}/{}", source.registry.authority(), source.name);
+        let mut received = 0u64;
         let tmp = self.store.temp_path();
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
@@ -204,9 +224,9 @@ impl Blobs {
                 .await
                 .map_err(|e| TrackerError::Upstream(transport(&source.registry, e)))?
             {
-                self.stats
-                    .upstream_bytes
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
+                received += chunk.len() as u64;
+                self.limits.take(chunk.len()).await;
                 verifier.update(&chunk);
                 if let Some(b) = builder.as_mut() {
                     b.update(&chunk);
@@ -241,6 +261,10 @@ impl Blobs {
             Ok(torrent)
         }
         .await;
+        drop(slot);
+        self.metrics.ledger.fetched(&image, received);
+        self.metrics
+            .upstream_fetch(if result.is_ok() { "ok" } else { "failed" });
         match &result {
             Ok(t) => tracing::info!(
                 size = t.size(),

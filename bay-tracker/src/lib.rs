@@ -5,6 +5,8 @@ pub mod announce;
 pub mod config;
 pub mod error;
 pub mod fetch;
+pub mod limit;
+pub mod metrics;
 pub mod routes;
 pub mod seeder;
 
@@ -37,13 +39,22 @@ pub async fn run(
             .with_context(|| format!("starting the BitTorrent seed on {peer_listen}"))?,
     );
     let upstream = Arc::new(UpstreamClient::new(UpstreamOptions::default())?);
-    let blobs = Arc::new(fetch::Blobs::new(store.clone(), seeder.clone(), upstream));
+    let metrics = Arc::new(metrics::Metrics::default());
+    let limits = limit::UpstreamLimits::new(config.upstream_concurrency, config.upstream_rate);
+    let blobs = Arc::new(fetch::Blobs::new(
+        store.clone(),
+        seeder.clone(),
+        upstream,
+        metrics.clone(),
+        limits,
+    ));
     let state = Arc::new(routes::AppState {
         config: config.clone(),
         blobs: blobs.clone(),
         swarms: announce::Swarms::default(),
         slots: announce::Slots::default(),
-        torrents_served: Default::default(),
+        metrics,
+        ready: Default::default(),
     });
     tracing::info!(
         http = %listener.local_addr()?,
@@ -55,11 +66,20 @@ pub async fn run(
 
     let tasks = tokio_util::task::TaskTracker::new();
     let stop = tokio_util::sync::CancellationToken::new();
-    tasks.spawn(reseed_leftovers(blobs, stop.clone()).instrument(tracing::info_span!("reseed")));
+    tasks.spawn({
+        let state = state.clone();
+        let stop = stop.clone();
+        async move {
+            reseed_leftovers(blobs, stop).await;
+            state.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        .instrument(tracing::info_span!("reseed"))
+    });
     tasks
         .spawn(expire_peers(state.clone(), stop.clone()).instrument(tracing::info_span!("expire")));
 
-    let result = bay_common::serve::serve(listener, routes::app(state), shutdown).await;
+    let drain = Duration::from_secs(config.drain_timeout);
+    let result = bay_common::serve::serve(listener, routes::app(state), shutdown, drain).await;
     stop.cancel();
     tasks.close();
     tasks.wait().await;

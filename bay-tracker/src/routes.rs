@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use axum::Router;
@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bay_common::announce::{self, AnnounceRequest};
 use bay_common::api::{INFO_HASH_HEADER, TORRENT_CONTENT_TYPE, TrackerStats};
+use bay_common::metrics::Outcome;
 use bay_common::upstream::Credentials;
 use bay_common::{Digest, RepositoryName};
 use tracing::Instrument;
@@ -21,13 +22,16 @@ use crate::announce::Swarms;
 use crate::config::Config;
 use crate::error::TrackerError;
 use crate::fetch::{Blobs, Source};
+use crate::metrics::{Event, Metrics, Readings};
 
 pub struct AppState {
     pub config: Config,
     pub blobs: Arc<Blobs>,
     pub swarms: Swarms,
     pub slots: crate::announce::Slots,
-    pub torrents_served: AtomicU64,
+    pub metrics: Arc<Metrics>,
+    /// Set once blobs left by an earlier run are verified and seeded again.
+    pub ready: AtomicBool,
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
@@ -37,6 +41,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/scrape", get(scrape))
         .route("/v1/slots/{info_hash}", get(slot))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats))
         .fallback(not_found)
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -84,13 +90,34 @@ async fn torrent_inner(
         name,
         creds: Credentials::from_client(headers.get(header::AUTHORIZATION)),
     };
-    let torrent = state
+    let image = format!("{}/{}", source.registry.authority(), source.name);
+    let torrent = match state
         .blobs
         .torrent_for(source, &digest)
         .instrument(span)
         .await
-        .map_err(ErrorResponse::Shared)?;
-    state.torrents_served.fetch_add(1, Ordering::Relaxed);
+    {
+        Ok(t) => t,
+        Err(e) => {
+            let outcome = if matches!(*e, TrackerError::Refused(_)) {
+                "refused"
+            } else {
+                "failed"
+            };
+            state
+                .metrics
+                .torrent_requests
+                .get_or_create(&Outcome { outcome })
+                .inc();
+            return Err(ErrorResponse::Shared(e));
+        }
+    };
+    state
+        .metrics
+        .torrent_requests
+        .get_or_create(&Outcome { outcome: "ok" })
+        .inc();
+    state.metrics.ledger.served(&image, torrent.size());
     let body = torrent.to_metainfo(&[state.config.announce_url()]);
     Ok((
         [
@@ -152,8 +179,13 @@ async fn announce(
 ) -> Response {
     let req = match AnnounceRequest::parse(query.as_deref().unwrap_or("")) {
         Ok(r) => r,
-        Err(e) => return bencoded(announce::failure(&e.to_string())),
+        Err(e) => {
+            state.metrics.announces.get_or_create(&Event { event: "invalid" }).inc();
+            return bencoded(announce::failure(&e.to_string()));
+        }
     };
+    let event = req.event.map_or("none", |e| e.as_str());
+    state.metrics.announces.get_or_create(&Event { event }).inc();
     let held = state.blobs.store.holds(&req.info_hash);
     let own_seed = held.then(|| {
         let ip = state
@@ -173,6 +205,7 @@ async fn announce(
 }
 
 async fn scrape(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    state.metrics.scrapes.inc();
     match announce::parse_scrape(query.as_deref().unwrap_or("")) {
         Ok(hashes) => {
             let entries = state.swarms.scrape(&hashes, |h| state.blobs.store.holds(h));
@@ -222,18 +255,48 @@ async fn slot(
 async fn stats(State(state): State<Arc<AppState>>) -> Response {
     let (blobs_held, bytes_held) = state.blobs.store.usage();
     let (swarms, peers) = state.swarms.usage();
-    let f = &state.blobs.stats;
+    let m = &state.metrics;
     axum::Json(TrackerStats {
         blobs_held,
         bytes_held,
-        upstream_fetches: f.upstream_fetches.load(Ordering::Relaxed),
-        upstream_bytes: f.upstream_bytes.load(Ordering::Relaxed),
-        torrents_served: state.torrents_served.load(Ordering::Relaxed),
+        upstream_fetches: m.fetches_ok(),
+        upstream_bytes: m.upstream_bytes.get(),
+        torrents_served: m
+            .torrent_requests
+            .get(&Outcome { outcome: "ok" })
+            .map_or(0, |c| c.get()),
         swarms,
         peers,
         seed_uploaded_bytes: state.blobs.seeder.uploaded_bytes(),
+        savings: m.ledger.report(),
     })
     .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let (blobs_held, bytes_held) = state.blobs.store.usage();
+    let (swarms, peers) = state.swarms.usage();
+    state.metrics.render(Readings {
+        peers,
+        swarms,
+        blobs_held,
+        bytes_held,
+        evictions: state.blobs.store.evictions(),
+        seed_uploaded: state.blobs.seeder.uploaded_bytes(),
+    })
+}
+
+/// 200 once start-up is done (blobs from an earlier run verified and seeded again); 503 before.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        "ready\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "verifying blobs left by an earlier run\n",
+        )
+            .into_response()
+    }
 }
 
 async fn not_found() -> Response {
