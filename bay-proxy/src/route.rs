@@ -118,6 +118,22 @@ mod tests {
     }
 
     #[test]
+    fn ns_as_containerd_sends_it() {
+        // containerd 1.6 in mirror mode: Host is the mirror's plain address, the registry is
+        // in `ns` with the colon percent-encoded, and `ns` wins over --default-upstream.
+        let mut c = config();
+        c.default_upstream = Some("ghcr.io".parse().unwrap());
+        let r = upstream_for(&c, Some("127.0.0.3:5000"), Some("ns=127.0.0.2%3A5000")).unwrap();
+        assert_eq!(r.base_url(), "http://127.0.0.2:5000");
+        let r = upstream_for(&c, Some("127.0.0.3:5000"), Some("digest=x&ns=GHCR.IO")).unwrap();
+        assert_eq!(r.authority(), "ghcr.io");
+        match upstream_for(&c, Some("127.0.0.3:5000"), Some("ns=evil.example%3A5000")) {
+            Err(ProxyError::NotAllowed(r)) => assert_eq!(r, "evil.example:5000"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn blob_paths() {
         let d = format!("sha256:{}", "a".repeat(64));
         let p = format!("/v2/library/alpine/blobs/{d}");
