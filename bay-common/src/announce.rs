@@ -111,6 +111,14 @@ impl PeerId {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    /// A fresh Azureus-style id, `-BY0100-` and 12 random bytes, which names bay in
+    /// trackers' and peers' logs.
+    pub fn generate() -> PeerId {
+        let mut id = *b"-BY0100-\0\0\0\0\0\0\0\0\0\0\0\0";
+        rand::Rng::fill(&mut rand::rng(), &mut id[8..]);
+        PeerId(id)
+    }
 }
 
 impl fmt::Debug for PeerId {

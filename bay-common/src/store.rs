@@ -175,6 +175,20 @@ impl Store {
         (ix.blobs.len() as u64, ix.bytes)
     }
 
+    /// Empties `tmp/` at shutdown, once nothing writes there any more, so no partial
+    /// download outlives the process (blobs in `blobs/` are hard links and stay).
+    pub fn clear_tmp(&self) -> io::Result<()> {
+        for entry in fs::read_dir(&self.tmp_dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                fs::remove_dir_all(&path)?;
+            } else {
+                fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Blobs evicted to stay under the capacity since start.
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)

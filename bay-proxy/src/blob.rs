@@ -234,6 +234,15 @@ impl Blobs {
         ))
     }
 
+    /// Waits, at most `deadline`, for downloads to wind up once shutdown began, so one that
+    /// finished is verified and cached before the session stops.
+    pub async fn wait_downloads(&self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        while !self.downloads.lock().expect("poisoned").is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Joins the running download of the blob, or starts one.
     async fn download(self: &Arc<Self>, req: &BlobRequest) -> Result<Arc<Download>, Start> {
         if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
@@ -361,7 +370,8 @@ impl Blobs {
                 break false;
             }
             tokio::select! {
-                _ = stop.cancelled() => break false,
+                // At shutdown a download that just finished is still worth keeping.
+                _ = stop.cancelled() => break d.handle.stats().finished,
                 _ = wake_tick.tick() => {
                     let _ = wake::nudge(peer, ih, pieces).await;
                 }

@@ -15,6 +15,7 @@ pub mod wake;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bay_common::store::Store;
@@ -50,9 +51,9 @@ pub async fn run(
     let upstream = Arc::new(UpstreamClient::new(UpstreamOptions::default())?);
     let stop = CancellationToken::new();
     let blobs = Arc::new(blob::Blobs::new(
-        store,
+        store.clone(),
         swarm.clone(),
-        trackers,
+        trackers.clone(),
         upstream,
         config.stall_timeout(),
         stop.clone(),
@@ -72,16 +73,30 @@ pub async fn run(
     );
     let reseed = tokio::spawn({
         let state = state.clone();
+        let blobs = blobs.clone();
         async move {
             blobs.reseed_leftovers().await;
-            state.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            state
+                .ready
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         .instrument(tracing::info_span!("reseed"))
     });
-    let drain = std::time::Duration::from_secs(config.drain_timeout);
+    let drain = Duration::from_secs(config.drain_timeout);
     let result = bay_common::serve::serve(listener, routes::app(state), shutdown, drain).await;
+    // Downloads stop (a finished one is still cached), librqbit stops announcing, then the
+    // trackers hear that this node left every swarm and nothing partial stays on disk.
+    let leaving = swarm.stopped_announces();
     stop.cancel();
     reseed.abort();
+    blobs.wait_downloads(Duration::from_secs(5)).await;
     swarm.stop().await;
+    let told = trackers
+        .announce_stopped(&leaving, Duration::from_secs(3))
+        .await;
+    if let Err(e) = store.clear_tmp() {
+        tracing::warn!("emptying {}: {e}", store.tmp_dir().display());
+    }
+    tracing::info!(torrents = leaving.len(), announces = told, "stopped");
     result.context("serving HTTP")
 }

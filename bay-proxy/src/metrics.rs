@@ -183,7 +183,10 @@ impl Metrics {
             reason::SWARM_ERROR,
             reason::RANGE,
         ] {
-            n += self.fallbacks.get(&Reason { reason }).map_or(0, |c| c.get());
+            n += self
+                .fallbacks
+                .get(&Reason { reason })
+                .map_or(0, |c| c.get());
         }
         n
     }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bay_common::announce::InfoHash;
+use bay_common::announce::{AnnounceRequest, Event, InfoHash, PeerId};
 use bay_common::torrent::BlobTorrent;
 use bytes::Bytes;
 use librqbit::api::TorrentIdOrHash;
@@ -37,6 +37,7 @@ impl<T: AsyncRead + AsyncSeek + Unpin + Send> BlobRead for T {}
 
 pub struct Swarm {
     session: Arc<Session>,
+    peer_id: PeerId,
     peer_port: u16,
     announce: Vec<String>,
 }
@@ -59,7 +60,9 @@ impl Swarm {
         upload_limit: Option<u64>,
     ) -> anyhow::Result<Self> {
         let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, peer_port));
+        let peer_id = PeerId::generate();
         let opts = SessionOptions {
+            peer_id: Some(Id20::new(peer_id.0)),
             dht: None,
             persistence: None,
             fastresume: false,
@@ -93,6 +96,7 @@ impl Swarm {
         let session = Session::new_with_opts(default_dir.to_path_buf(), opts).await?;
         Ok(Self {
             session,
+            peer_id,
             peer_port,
             announce,
         })
@@ -204,5 +208,28 @@ impl Swarm {
 
     pub async fn stop(&self) {
         self.session.stop().await;
+    }
+
+    /// A `stopped` announce for every torrent in the session, as of now: librqbit never sends
+    /// one, and without it trackers keep handing out this node until its entry expires.
+    pub fn stopped_announces(&self) -> Vec<AnnounceRequest> {
+        self.session.with_torrents(|it| {
+            it.map(|(_, h)| {
+                let st = h.stats();
+                AnnounceRequest {
+                    info_hash: InfoHash(h.info_hash().0),
+                    peer_id: self.peer_id,
+                    port: self.peer_port,
+                    uploaded: st.uploaded_bytes,
+                    downloaded: st.progress_bytes,
+                    left: st.total_bytes.saturating_sub(st.progress_bytes),
+                    event: Some(Event::Stopped),
+                    compact: true,
+                    numwant: Some(0),
+                    ip: None,
+                }
+            })
+            .collect()
+        })
     }
 }

@@ -70,6 +70,37 @@ impl Trackers {
             .collect()
     }
 
+    /// Sends the `stopped` announces to every tracker, a few at a time, for at most
+    /// `deadline` in all: shutdown must not hang on a dead tracker.
+    pub async fn announce_stopped(
+        &self,
+        requests: &[bay_common::announce::AnnounceRequest],
+        deadline: Duration,
+    ) -> usize {
+        use futures::StreamExt as _;
+        let urls = self.announce_urls();
+        let sends = urls.iter().flat_map(|u| {
+            requests.iter().map(move |r| {
+                let url = format!("{u}?{}", r.to_query());
+                async move {
+                    let resp = self.client.get(url).timeout(deadline).send().await;
+                    resp.is_ok_and(|r| r.status().is_success())
+                }
+            })
+        });
+        let mut done = 0;
+        let all = futures::stream::iter(sends)
+            .buffer_unordered(16)
+            .for_each(|ok| {
+                done += usize::from(ok);
+                async {}
+            });
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            tracing::warn!("trackers did not take every stopped announce within {deadline:?}");
+        }
+        done
+    }
+
     /// The trackers' IP addresses, to tell their seeds from other proxies in peer statistics.
     pub fn ips(&self) -> Vec<std::net::IpAddr> {
         let mut ips = Vec::new();

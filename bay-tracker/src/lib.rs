@@ -71,7 +71,9 @@ pub async fn run(
         let stop = stop.clone();
         async move {
             reseed_leftovers(blobs, stop).await;
-            state.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            state
+                .ready
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         .instrument(tracing::info_span!("reseed"))
     });
@@ -84,6 +86,9 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     seeder.stop().await;
+    if let Err(e) = store.clear_tmp() {
+        tracing::warn!("emptying {}: {e}", store.tmp_dir().display());
+    }
     result.context("serving HTTP")
 }
 

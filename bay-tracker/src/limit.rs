@@ -46,7 +46,9 @@ impl UpstreamLimits {
 
     /// True when a fetch would have to wait for a slot now.
     pub fn saturated(&self) -> bool {
-        self.slots.as_ref().is_some_and(|s| s.available_permits() == 0)
+        self.slots
+            .as_ref()
+            .is_some_and(|s| s.available_permits() == 0)
     }
 
     /// Accounts for `bytes` just received, sleeping as long as the rate requires.
@@ -111,7 +113,11 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         let t0 = Instant::now();
         take_all(&l, 2 * MIB).await;
-        assert!(t0.elapsed() >= Duration::from_millis(1800), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(1800),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -88,11 +88,7 @@ impl Default for Metrics {
             "BitTorrent announces, by event (started, completed, stopped, none, invalid)",
             announces.clone(),
         );
-        registry.register(
-            "bay_scrape_requests",
-            "BitTorrent scrapes",
-            scrapes.clone(),
-        );
+        registry.register("bay_scrape_requests", "BitTorrent scrapes", scrapes.clone());
         registry.register(
             "bay_peers",
             "Peers currently in the tracker's swarms",

@@ -180,12 +180,20 @@ async fn announce(
     let req = match AnnounceRequest::parse(query.as_deref().unwrap_or("")) {
         Ok(r) => r,
         Err(e) => {
-            state.metrics.announces.get_or_create(&Event { event: "invalid" }).inc();
+            state
+                .metrics
+                .announces
+                .get_or_create(&Event { event: "invalid" })
+                .inc();
             return bencoded(announce::failure(&e.to_string()));
         }
     };
     let event = req.event.map_or("none", |e| e.as_str());
-    state.metrics.announces.get_or_create(&Event { event }).inc();
+    state
+        .metrics
+        .announces
+        .get_or_create(&Event { event })
+        .inc();
     let held = state.blobs.store.holds(&req.info_hash);
     let own_seed = held.then(|| {
         let ip = state
