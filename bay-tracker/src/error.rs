@@ -35,6 +35,16 @@ pub enum TrackerError {
     Io(#[from] std::io::Error),
     #[error("seeding failed: {0}")]
     Seed(String),
+    #[error("{0}")]
+    BadReference(String),
+    #[error("{0}")]
+    Manifest(#[from] bay_common::manifest::ManifestError),
+    #[error("upstream did not answer {0} in time")]
+    Timeout(String),
+    #[error("no preheat {0:?}: unknown, or forgotten since it finished")]
+    UnknownPreheat(String),
+    #[error("{0} preheats are running; try again when one has finished")]
+    TooManyPreheats(usize),
 }
 
 impl From<UpstreamError> for TrackerError {
@@ -52,6 +62,10 @@ impl TrackerError {
             TrackerError::NotAllowed(_) => ErrorCode::Denied,
             TrackerError::BadDigest(_) => ErrorCode::DigestInvalid,
             TrackerError::BadName(_) | TrackerError::BadPath(_) => ErrorCode::NameInvalid,
+            TrackerError::BadReference(_) => ErrorCode::NameInvalid,
+            TrackerError::UnknownPreheat(_) => ErrorCode::NameUnknown,
+            TrackerError::TooManyPreheats(_) => ErrorCode::Toomanyrequests,
+            TrackerError::Manifest(_) | TrackerError::Timeout(_) => ErrorCode::Unavailable,
             TrackerError::Empty(_) => ErrorCode::SizeInvalid,
             TrackerError::Refused(_)
             | TrackerError::Upstream(_)
@@ -68,6 +82,8 @@ impl TrackerError {
             TrackerError::Upstream(_)
             | TrackerError::DigestMismatch { .. }
             | TrackerError::SizeMismatch { .. } => StatusCode::BAD_GATEWAY,
+            TrackerError::Manifest(_) => StatusCode::BAD_GATEWAY,
+            TrackerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             TrackerError::Io(_) | TrackerError::Seed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             other => StatusCode::from_u16(other.code().status())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

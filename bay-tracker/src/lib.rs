@@ -7,6 +7,7 @@ pub mod error;
 pub mod fetch;
 pub mod limit;
 pub mod metrics;
+pub mod preheat;
 pub mod routes;
 pub mod seeder;
 
@@ -48,6 +49,7 @@ pub async fn run(
         metrics.clone(),
         limits,
     ));
+    let preheats = Arc::new(preheat::Preheats::new(config.clone(), blobs.clone()));
     let state = Arc::new(routes::AppState {
         config: config.clone(),
         blobs: blobs.clone(),
@@ -55,6 +57,7 @@ pub async fn run(
         slots: announce::Slots::default(),
         metrics,
         ready: Default::default(),
+        preheat: preheats.clone(),
     });
     tracing::info!(
         http = %listener.local_addr()?,
@@ -82,6 +85,7 @@ pub async fn run(
 
     let drain = Duration::from_secs(config.drain_timeout);
     let result = bay_common::serve::serve(listener, routes::app(state), shutdown, drain).await;
+    preheats.shutdown().await;
     stop.cancel();
     tasks.close();
     tasks.wait().await;

@@ -32,6 +32,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set once blobs left by an earlier run are verified and seeded again.
     pub ready: AtomicBool,
+    pub preheat: Arc<crate::preheat::Preheats>,
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
@@ -44,6 +45,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats))
+        .merge(crate::preheat::router(state.preheat.clone()))
         .fallback(not_found)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

@@ -1,9 +1,10 @@
-//! The client for upstream registries: blob HEADs and GETs with registry auth.
+//! The client for upstream registries: blob HEADs and GETs, manifest GETs, with registry auth.
 //!
-//! Only `<registry>/v2/<name>/blobs/<digest>` URLs are ever built here, from validated parts, so
-//! a caller can never make bay fetch a URL of its choosing. Redirects (307 to blob storage) are
-//! followed for GETs with reqwest's policy, which drops `Authorization` when the host changes;
-//! HEADs never follow them, since a redirect already proves the caller may read the blob.
+//! Only `<registry>/v2/<name>/blobs/<digest>` and `<registry>/v2/<name>/manifests/<reference>`
+//! URLs are ever built here, from validated parts, so a caller can never make bay fetch a URL
+//! of its choosing. Redirects (307 to blob storage) are followed for GETs with reqwest's
+//! policy, which drops `Authorization` when the host changes; HEADs never follow them, since a
+//! redirect already proves the caller may read the blob.
 
 mod auth;
 
@@ -18,6 +19,7 @@ use auth::{TokenCache, TokenResponse};
 
 use crate::api::{ErrorBody, ErrorCode};
 use crate::digest::Digest;
+use crate::manifest::ManifestRef;
 use crate::reference::{Registry, RepositoryName};
 
 #[derive(Debug, Clone)]
@@ -211,6 +213,41 @@ impl UpstreamClient {
             .await
     }
 
+    /// `reference` is a validated tag or a digest, so it cannot leave the manifests path.
+    pub fn manifest_url(
+        registry: &Registry,
+        name: &RepositoryName,
+        reference: &ManifestRef,
+    ) -> String {
+        format!(
+            "{}/v2/{}/manifests/{}",
+            registry.base_url(),
+            name,
+            reference
+        )
+    }
+
+    /// GET a manifest, accepting the index and manifest types preheating follows
+    /// ([`crate::manifest::ACCEPT`]); the body is the caller's to cap, verify and parse.
+    pub async fn get_manifest(
+        &self,
+        registry: &Registry,
+        name: &RepositoryName,
+        reference: &ManifestRef,
+        creds: &Credentials,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = Self::manifest_url(registry, name, reference);
+        self.send_accepting(
+            Method::GET,
+            &url,
+            creds,
+            true,
+            None,
+            Some(crate::manifest::ACCEPT),
+        )
+        .await
+    }
+
     /// Sends a request, answering one auth challenge if our credentials allow it. Returns only
     /// 2xx (and 3xx when not following); anything else becomes an error.
     async fn send(
@@ -220,6 +257,20 @@ impl UpstreamClient {
         creds: &Credentials,
         follow: bool,
         range_from: Option<u64>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_accepting(method, url, creds, follow, range_from, None)
+            .await
+    }
+
+    /// [`Self::send`] with an `Accept` header.
+    async fn send_accepting(
+        &self,
+        method: Method,
+        url: &str,
+        creds: &Credentials,
+        follow: bool,
+        range_from: Option<u64>,
+        accept: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let client = if follow {
             &self.follow
@@ -236,6 +287,9 @@ impl UpstreamClient {
             }
             if let Some(from) = range_from {
                 req = req.header(header::RANGE, format!("bytes={from}-"));
+            }
+            if let Some(accept) = accept {
+                req = req.header(header::ACCEPT, accept);
             }
             req.send()
         };
