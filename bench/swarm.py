@@ -844,8 +844,17 @@ class Bench:
                     lines["from_trackers"] += int(f.get("from_trackers", 0))
                 elif "streaming from upstream" in line or "continuing from upstream" in line:
                     lines["upstream_fallback_lines"] += 1
+        # bay's own ledger (the stats endpoints' "savings"): bytes proxies served to clients
+        # against bytes the tracker and proxies fetched upstream, during this mode.
+        served = sum(int(s.get("savings", {}).get("total", {}).get("bytes_served", 0)) for s in stats)
+        proxy_up = sum(int(s.get("savings", {}).get("total", {}).get("bytes_from_upstream", 0))
+                       for s in stats)
+        trk_up = (tracker_after.get("savings", {}).get("total", {}).get("bytes_from_upstream", 0)
+                  - tracker_before.get("savings", {}).get("total", {}).get("bytes_from_upstream", 0))
+        savings = {"served_to_clients": served, "fetched_upstream": proxy_up + trk_up,
+                   "saved": max(0, served - proxy_up - trk_up)}
         return {"proxy_stats": stats, "proxy_totals": proxy_totals, "tracker_stats": tracker_after,
-                "tracker_delta": tracker_delta, "proxy_log_totals": lines}
+                "tracker_delta": tracker_delta, "proxy_log_totals": lines, "savings": savings}
 
     # -- teardown --------------------------------------------------------------------------
 
@@ -960,6 +969,13 @@ def table(res: dict) -> str:
             f"{m['upstream_blob_bytes'] / S:.3f} | {f(seed, '.2f')} | {f(p2p, '.2f')} | {f(trk, '.2f')} | "
             f"{'–' if fb is None else fb} | {100 * m['cpu']['busy_avg']:.0f} % / {100 * m['cpu']['busy_peak']:.0f} % | "
             f"{100 * m['link_util']:.0f} % | {m['bound']}{'*' if others_share(m) > 0.1 else ''} |")
+    for name in MODES:
+        sv = modes.get(name, {}).get("savings")
+        if sv and sv["served_to_clients"]:
+            rows.append("")
+            rows.append(f"{name}: bay's savings ledger: proxies served {sv['served_to_clients'] / 2**20:.0f} MiB "
+                        f"to clients, bay fetched {sv['fetched_upstream'] / 2**20:.0f} MiB upstream "
+                        f"({sv['served_to_clients'] / max(1, sv['fetched_upstream']):.1f}x).")
     if any(others_share(m) > 0.1 for m in modes.values()):
         rows.append("")
         rows.append("\\* other processes on this shared machine (not this benchmark) used " + ", ".join(

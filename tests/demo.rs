@@ -122,5 +122,24 @@ async fn demo() -> Result<()> {
         mib(total * PROXIES as u64),
         100.0 * (1.0 - upstream_bytes as f64 / (total * PROXIES as u64) as f64)
     );
+    // bay's own ledger, as an operator reads it from the stats endpoints.
+    let tracker_stats: serde_json::Value = bay_tests::http_client()
+        .get(format!("{}/v1/stats", tracker.url()))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let saved = |s: &serde_json::Value, k: &str| s["savings"]["total"][k].as_u64().unwrap_or(0);
+    let served: u64 = rows.iter().map(|s| saved(s, "bytes_served")).sum();
+    let fetched = saved(&tracker_stats, "bytes_from_upstream")
+        + rows
+            .iter()
+            .map(|s| saved(s, "bytes_from_upstream"))
+            .sum::<u64>();
+    println!(
+        "bay's stats agree: proxies served {:.1} MiB to clients, bay fetched {:.1} MiB upstream",
+        mib(served),
+        mib(fetched)
+    );
     Ok(())
 }
