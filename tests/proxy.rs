@@ -331,3 +331,38 @@ async fn simultaneous_pulls_swarm() {
     assert!(ratio <= 2.0, "seed uploaded {ratio:.2}x the blob");
     assert_eq!(c.registry.blob_gets(&layer.digest), 1);
 }
+
+/// A seed that is alive but slow (many nodes starting at once on a thin link) must be waited
+/// for: every node that gave up on it would cost the registry another copy of the blob.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_seed_is_waited_for_not_abandoned() {
+    // 1 MiB in 256 KiB pieces at 128 KiB/s: a piece every 2 s, four times the stall timeout.
+    let c = cluster(&[1 << 20], &["--upload-limit", "128K"]).await;
+    let p = Proxy::start(
+        &[c.tracker.url()],
+        &c.registry.url(),
+        &["--stall-timeout", "0.5"],
+    )
+    .await
+    .unwrap();
+    let layer = &c.image.layers[0];
+    let body = http_client()
+        .get(format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body.len() as u64, layer.size);
+    let s = p.wait_held(1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(s["fallbacks"], 0, "{s}");
+    assert_eq!(s["bytes_from_upstream"], 0, "{s}");
+    assert_eq!(
+        c.registry.blob_gets(&layer.digest),
+        1,
+        "only the tracker's GET"
+    );
+}

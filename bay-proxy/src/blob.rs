@@ -76,6 +76,23 @@ struct Download {
     /// Set when a client stream read the whole blob from the swarm and its digest matched:
     /// the file needs no second read before it is cached.
     stream_verified: std::sync::atomic::AtomicBool,
+    /// The trackers' addresses, to tell their seeds among the peers.
+    tracker_ips: Vec<IpAddr>,
+}
+
+impl Download {
+    /// Whether a tracker's seed is connected: then a download that gets nothing is queued
+    /// behind other leechers of a busy seed, not abandoned by a dead one.
+    fn seed_connected(&self) -> bool {
+        let Some(live) = self.handle.live() else {
+            return false;
+        };
+        let filter = serde_json::from_str(r#"{"state":"live"}"#).expect("valid filter");
+        live.per_peer_stats_snapshot(filter).peers.keys().any(|a| {
+            a.parse::<SocketAddr>()
+                .is_ok_and(|a| self.tracker_ips.contains(&a.ip()))
+        })
+    }
 }
 
 pub struct Blobs {
@@ -214,6 +231,7 @@ impl Blobs {
                         reader,
                         download: d,
                         last_progress: 0,
+                        waiting_since: None,
                     },
                 )
             }
@@ -232,6 +250,12 @@ impl Blobs {
             None,
             body.into_body(),
         ))
+    }
+
+    /// How long a download may make no progress at all, while a seed is still connected,
+    /// before it is abandoned.
+    fn patience(&self) -> Duration {
+        (self.stall_timeout * 6).max(Duration::from_secs(30))
     }
 
     /// Waits, at most `deadline`, for downloads to wind up once shutdown began, so one that
@@ -278,6 +302,7 @@ impl Blobs {
             outcome,
             recovering: Default::default(),
             stream_verified: Default::default(),
+            tracker_ips: self.trackers.ips(),
         });
         {
             let mut map = self.downloads.lock().expect("poisoned");
@@ -288,7 +313,7 @@ impl Blobs {
         }
         let this = self.clone();
         let d = download.clone();
-        let trackers = self.trackers.ips();
+        let trackers = download.tracker_ips.clone();
         let req = req.clone();
         let span_req = req.clone();
         tokio::spawn(
@@ -317,7 +342,7 @@ impl Blobs {
         let mut last_recovery: Option<Instant> = None;
         let mut wake_tick = tokio::time::interval(WAKE_EVERY);
         let mut slot_tick = tokio::time::interval(SLOT_EVERY);
-        let give_up = (self.stall_timeout * 6).max(Duration::from_secs(30));
+        let give_up = self.patience();
         let mut progress_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         let mut reported = (0u64, Instant::now());
@@ -714,6 +739,8 @@ enum Source {
         reader: Box<dyn BlobRead>,
         download: Arc<Download>,
         last_progress: u64,
+        /// When the stream last saw the download progress, while it waits for pieces.
+        waiting_since: Option<Instant>,
     },
     /// `skip`: bytes still to drop because upstream ignored our Range.
     Upstream {
@@ -998,6 +1025,7 @@ impl VerifyingBody {
                     reader,
                     download,
                     last_progress,
+                    waiting_since,
                 } => {
                     let mut buf = vec![0u8; CHUNK];
                     match tokio::time::timeout(self.blobs.stall_timeout, reader.read(&mut buf))
@@ -1022,11 +1050,24 @@ impl VerifyingBody {
                             if progress > *last_progress {
                                 // Pieces are arriving, just not ours yet.
                                 *last_progress = progress;
+                                *waiting_since = None;
                                 continue;
                             }
                             if download.recovering.load(Ordering::Relaxed) {
                                 // Another tracker is fetching the blob to seed it; that costs
                                 // upstream one GET instead of one per proxy.
+                                continue;
+                            }
+                            let since = *waiting_since.get_or_insert_with(|| {
+                                Instant::now()
+                                    .checked_sub(self.blobs.stall_timeout)
+                                    .unwrap_or_else(Instant::now)
+                            });
+                            if since.elapsed() < self.blobs.patience() && download.seed_connected()
+                            {
+                                // A seed that is connected but busy serves us in turn (many
+                                // nodes starting on a slow link); each node that went upstream
+                                // instead would cost the registry another copy.
                                 continue;
                             }
                             tracing::warn!(
