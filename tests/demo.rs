@@ -136,6 +136,11 @@ async fn demo() -> Result<()> {
             .iter()
             .map(|s| saved(s, "bytes_from_upstream"))
             .sum::<u64>();
+    ensure!(
+        served == total * PROXIES as u64 && fetched == upstream_bytes,
+        "bay's stats disagree: proxies served {served} bytes, bay fetched {fetched} upstream; \
+         the registry sent {upstream_bytes}"
+    );
     println!(
         "bay's stats agree: proxies served {:.1} MiB to clients, bay fetched {:.1} MiB upstream",
         mib(served),

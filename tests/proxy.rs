@@ -336,12 +336,12 @@ async fn simultaneous_pulls_swarm() {
 /// for: every node that gave up on it would cost the registry another copy of the blob.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_seed_is_waited_for_not_abandoned() {
-    // 1 MiB in 256 KiB pieces at 128 KiB/s: a piece every 2 s, four times the stall timeout.
-    let c = cluster(&[1 << 20], &["--upload-limit", "128K"]).await;
+    // 1 MiB in 256 KiB pieces at 64 KiB/s: a piece every 4 s, twice the stall timeout.
+    let c = cluster(&[1 << 20], &["--upload-limit", "64K"]).await;
     let p = Proxy::start(
         &[c.tracker.url()],
         &c.registry.url(),
-        &["--stall-timeout", "0.5"],
+        &["--stall-timeout", "2"],
     )
     .await
     .unwrap();

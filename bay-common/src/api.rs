@@ -12,6 +12,9 @@ use crate::reference::{Registry, RepositoryName};
 pub const TORRENT_CONTENT_TYPE: &str = "application/x-bittorrent";
 /// Header carrying the hex info hash next to a torrent, so proxies can log it without parsing.
 pub const INFO_HASH_HEADER: &str = "x-bay-info-hash";
+/// Header naming the tracker's own seed (`ip:port`) next to a torrent, so a proxy can tell
+/// that seed among its peers even when it is not at the tracker's HTTP address.
+pub const SEED_HEADER: &str = "x-bay-seed";
 
 /// Path of the torrent for a blob, relative to a tracker's base URL.
 pub fn torrent_path(registry: &Registry, name: &RepositoryName, digest: &Digest) -> String {

@@ -25,6 +25,15 @@ pub fn render(registry: &Registry) -> Response {
     }
 }
 
+/// Brings a counter up to a total kept elsewhere (the store's evictions, librqbit's upload
+/// bytes), read when scraped. Callers serialise scrapes, or two could add the same step.
+pub fn catch_up(counter: &prometheus_client::metrics::counter::Counter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
+    }
+}
+
 /// A label set with one label, for the many metrics split by a single dimension.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {

@@ -162,17 +162,23 @@ mod tests {
     async fn shutdown_finishes_requests_in_flight_and_cuts_the_rest() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let started = std::sync::Arc::new(tokio::sync::Notify::new());
+        let on_start = started.clone();
+        let streaming = std::sync::Arc::new(tokio::sync::Notify::new());
+        let on_stream = streaming.clone();
         let app = Router::new()
             .route(
                 "/quick",
-                get(|| async {
+                get(move || async move {
+                    on_start.notify_one();
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     "done"
                 }),
             )
             .route(
                 "/endless",
-                get(|| async {
+                get(move || async move {
+                    on_stream.notify_one();
                     let s = futures::stream::unfold((), |()| async {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")), ()))
@@ -201,8 +207,9 @@ mod tests {
             String::from_utf8_lossy(&out).into_owned()
         };
         let quick = tokio::spawn(request("/quick"));
+        started.notified().await;
         let endless = tokio::spawn(request("/endless"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        streaming.notified().await;
         let t0 = std::time::Instant::now();
         let _ = stop.send(());
         // New connections are refused once shutdown began.

@@ -1,9 +1,10 @@
 //! A blob GET, top to bottom: authorize with upstream, serve from the local cache, else from
 //! the swarm as pieces arrive, else straight from upstream — always verified on the way out.
 //!
-//! Every body the client gets is hashed as it goes out and its last chunk is held back until
-//! the digest matched, so a client never receives a complete wrong blob: on a mismatch the
-//! connection is cut short of `Content-Length`.
+//! Every body from the swarm or upstream is hashed as it goes out and its last chunk is held
+//! back until the digest matched, so a client never receives a complete wrong blob: on a
+//! mismatch the connection is cut short of `Content-Length`. Cached files were hashed when
+//! written; they are re-hashed on the way out only if they changed on disk since.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -103,6 +104,8 @@ pub struct Blobs {
     access: AccessCache,
     stall_timeout: Duration,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Cached blobs' files as they were when verified (written, or re-read at start).
+    stamps: Mutex<HashMap<Digest, FileStamp>>,
     pub metrics: Metrics,
     /// Stops the background work of downloads at shutdown.
     stop: CancellationToken,
@@ -125,6 +128,7 @@ impl Blobs {
             access: AccessCache::default(),
             stall_timeout,
             downloads: Mutex::default(),
+            stamps: Mutex::default(),
             metrics: Metrics::default(),
             stop,
         }
@@ -136,12 +140,14 @@ impl Blobs {
         req: BlobRequest,
         range: Option<&str>,
     ) -> Result<Response, ProxyError> {
-        let answer = self.answer(req, range).await;
-        match &answer {
-            Ok(_) => {}
-            Err(ProxyError::Refused(_)) => self.metrics.request(outcome::REFUSED),
-            Err(_) => self.metrics.request(outcome::FAILED),
-        }
+        // Counted once the answer is certain: a cache hit whose file then fails is `failed`.
+        let mut how = outcome::FAILED;
+        let answer = self.answer(req, range, &mut how).await;
+        self.metrics.request(match &answer {
+            Ok(_) => how,
+            Err(ProxyError::Refused(_)) => outcome::REFUSED,
+            Err(_) => outcome::FAILED,
+        });
         answer
     }
 
@@ -149,6 +155,7 @@ impl Blobs {
         self: &Arc<Self>,
         req: BlobRequest,
         range: Option<&str>,
+        how: &mut &'static str,
     ) -> Result<Response, ProxyError> {
         // 1. Upstream decides who may read what; a cached blob proves nothing about the caller.
         let upstream_size = self
@@ -164,7 +171,7 @@ impl Blobs {
 
         // 2. Held locally: serve from disk.
         if let Some(t) = self.store.get(&req.digest) {
-            self.metrics.request(outcome::CACHE_HIT);
+            *how = outcome::CACHE_HIT;
             tracing::debug!(size = t.size(), "serving blob from cache");
             return self.serve_file(&req, t.size(), range).await;
         }
@@ -191,7 +198,7 @@ impl Blobs {
                 None => None,
             };
             if verified == Some(true) {
-                self.metrics.request(outcome::SWARM);
+                *how = outcome::SWARM;
             } else {
                 self.metrics.fallback(if download.is_some() {
                     reason::RANGE
@@ -199,7 +206,7 @@ impl Blobs {
                     reason::NO_TORRENT
                 });
                 self.fetch_to_cache(&req).await?;
-                self.metrics.request(outcome::UPSTREAM);
+                *how = outcome::UPSTREAM;
             }
             let t = self.store.get(&req.digest).ok_or_else(|| {
                 ProxyError::Io(std::io::Error::other("blob vanished from the cache"))
@@ -220,7 +227,7 @@ impl Blobs {
         };
         let body = match streamable {
             Ok((d, reader)) => {
-                self.metrics.request(outcome::SWARM);
+                *how = outcome::SWARM;
                 let size = d.torrent.size();
                 VerifyingBody::new(
                     self.clone(),
@@ -239,7 +246,7 @@ impl Blobs {
             Err(why) => {
                 self.metrics.fallback(why);
                 let body = self.upstream_body(&req, upstream_size).await?;
-                self.metrics.request(outcome::UPSTREAM);
+                *how = outcome::UPSTREAM;
                 body
             }
         };
@@ -493,8 +500,24 @@ impl Blobs {
         true
     }
 
+    /// Notes the identity of a cached blob's file just after it was verified.
+    async fn stamp(&self, digest: &Digest) {
+        if let Ok(meta) = tokio::fs::metadata(self.store.blob_path(digest)).await {
+            self.stamps
+                .lock()
+                .expect("poisoned")
+                .insert(digest.clone(), FileStamp::of(&meta));
+        }
+    }
+
+    /// Whether `meta` is the file as it was when last verified.
+    fn unchanged_since_verified(&self, digest: &Digest, meta: &std::fs::Metadata) -> bool {
+        self.stamps.lock().expect("poisoned").get(digest) == Some(&FileStamp::of(meta))
+    }
+
     /// Drops a cached blob whose file no longer matches its digest.
     async fn discard(&self, digest: &Digest) {
+        self.stamps.lock().expect("poisoned").remove(digest);
         let Some(t) = self.store.remove(digest) else {
             return;
         };
@@ -506,7 +529,12 @@ impl Blobs {
     }
 
     async fn record(&self, torrent: Arc<BlobTorrent>) {
+        self.stamp(torrent.digest()).await;
         for victim in self.store.insert(torrent) {
+            self.stamps
+                .lock()
+                .expect("poisoned")
+                .remove(victim.digest());
             tracing::info!(digest = %victim.digest(), size = victim.size(), "evicting blob");
             self.swarm.remove(victim.info_hash(), false).await;
             for dir in [self.store.blob_dir(), self.store.tmp_dir()] {
@@ -575,26 +603,31 @@ impl Blobs {
             ),
             None => None,
         };
+        let status = if range.is_some() {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        };
         match range {
             Some(r) if !(r.start == 0 && r.end + 1 == size) => {
                 file.seek(std::io::SeekFrom::Start(r.start)).await?;
                 let len = r.end + 1 - r.start;
-                self.metrics.ledger.served(&req.image(), len);
-                let this = self.clone();
-                let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), CHUNK)
-                    .inspect(move |c| {
-                        if let Ok(c) = c {
-                            this.metrics.served(source::CACHE, c.len() as u64);
-                        }
-                    });
                 Ok(blob_response(
                     digest,
                     len,
-                    StatusCode::PARTIAL_CONTENT,
+                    status,
                     Some(r.content_range(size)),
-                    Body::from_stream(stream),
+                    self.plain_file_body(req, file, len),
                 ))
             }
+            // Verified when it was written (or re-read at start) and not changed since: sent
+            // as is, at the speed of the disk. The client checks the digest as always.
+            _ if self.unchanged_since_verified(digest, &file.metadata().await?) => {
+                let cr = range.map(|r| r.content_range(size));
+                let body = self.plain_file_body(req, file, size);
+                Ok(blob_response(digest, size, status, cr, body))
+            }
+            // Changed on disk since: re-hashed on the way out, dropped if it no longer matches.
             _ => {
                 let mut body = VerifyingBody::new(
                     self.clone(),
@@ -604,15 +637,28 @@ impl Blobs {
                     Source::File { file },
                 );
                 body.image = req.image();
-                let status = if range.is_some() {
-                    StatusCode::PARTIAL_CONTENT
-                } else {
-                    StatusCode::OK
-                };
                 let cr = range.map(|r| r.content_range(size));
                 Ok(blob_response(digest, size, status, cr, body.into_body()))
             }
         }
+    }
+
+    /// `len` bytes of a cached file from where it is positioned, counted as served from cache.
+    fn plain_file_body(
+        self: &Arc<Self>,
+        req: &BlobRequest,
+        file: tokio::fs::File,
+        len: u64,
+    ) -> Body {
+        self.metrics.ledger.served(&req.image(), len);
+        let this = self.clone();
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file.take(len), CHUNK).inspect(move |c| {
+                if let Ok(c) = c {
+                    this.metrics.served(source::CACHE, c.len() as u64);
+                }
+            });
+        Body::from_stream(stream)
     }
 
     pub fn stats(&self) -> ProxyStats {
@@ -674,6 +720,28 @@ impl Blobs {
                     let _ = tokio::fs::remove_file(&path).await;
                 }
             }
+        }
+    }
+}
+
+/// What identifies a file's content without reading it: a rewrite changes the modification
+/// time, a replacement the inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
         }
     }
 }
@@ -937,6 +1005,10 @@ impl VerifyingBody {
         }
         if let Some(tee) = self.tee.take() {
             self.commit(tee).await;
+        }
+        if matches!(self.source, Source::File { .. }) {
+            // Changed on disk but still right (touched, copied back): trusted again.
+            self.blobs.stamp(&self.digest).await;
         }
         if self.from_upstream > 0 {
             tracing::info!(

@@ -57,7 +57,7 @@ pub struct Config {
 
     /// Seconds that shutdown (SIGTERM) waits for blob downloads and responses in flight before
     /// cutting them. Clients whose response is cut retry; nothing partial is cached.
-    #[arg(long, env = "BAY_DRAIN_TIMEOUT", default_value_t = 10)]
+    #[arg(long, env = "BAY_DRAIN_TIMEOUT", default_value_t = 5)]
     pub drain_timeout: u64,
 }
 

@@ -89,10 +89,10 @@ pub async fn run(
     let leaving = swarm.stopped_announces();
     stop.cancel();
     reseed.abort();
-    blobs.wait_downloads(Duration::from_secs(5)).await;
+    blobs.wait_downloads(Duration::from_secs(2)).await;
     swarm.stop().await;
     let told = trackers
-        .announce_stopped(&leaving, Duration::from_secs(3))
+        .announce_stopped(&leaving, Duration::from_secs(2))
         .await;
     if let Err(e) = store.clear_tmp() {
         tracing::warn!("emptying {}: {e}", store.tmp_dir().display());

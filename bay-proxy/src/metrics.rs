@@ -8,7 +8,7 @@ use bay_common::metrics::prometheus_client::metrics::counter::Counter;
 use bay_common::metrics::prometheus_client::metrics::family::Family;
 use bay_common::metrics::prometheus_client::metrics::gauge::Gauge;
 use bay_common::metrics::prometheus_client::registry::Registry;
-use bay_common::metrics::{Ledger, Outcome, Reason, Source};
+use bay_common::metrics::{Ledger, Outcome, Reason, Source, catch_up};
 
 /// How a blob GET was answered (`bay_blob_requests_total{outcome}`).
 pub mod outcome {
@@ -139,10 +139,7 @@ impl Metrics {
         let _one = self.scrape.lock().expect("scrape lock poisoned");
         self.cache_blobs.set(usage.0 as i64);
         self.cache_bytes.set(usage.1 as i64);
-        let seen = self.evictions.get();
-        if evictions > seen {
-            self.evictions.inc_by(evictions - seen);
-        }
+        catch_up(&self.evictions, evictions);
         bay_common::metrics::render(&self.registry)
     }
 

@@ -36,6 +36,8 @@ pub struct Trackers {
     urls: Vec<url::Url>,
     failed_at: Mutex<Vec<Option<Instant>>>,
     client: reqwest::Client,
+    /// Seed addresses trackers named next to their torrents.
+    seed_ips: Mutex<std::collections::HashSet<std::net::IpAddr>>,
 }
 
 /// A torrent as a tracker handed it out.
@@ -57,6 +59,7 @@ impl Trackers {
             .build()?;
         Ok(Self {
             failed_at: Mutex::new(vec![None; urls.len()]),
+            seed_ips: Mutex::default(),
             urls,
             client,
         })
@@ -101,20 +104,23 @@ impl Trackers {
         done
     }
 
-    /// The trackers' IP addresses, to tell their seeds from other proxies in peer statistics.
+    /// The addresses of the trackers' seeds, to tell them from other proxies among a
+    /// download's peers: the IPs in the tracker URLs and those trackers named in
+    /// [`api::SEED_HEADER`] (a seed may listen elsewhere than the HTTP API). No DNS lookups:
+    /// this runs as each download starts.
     pub fn ips(&self) -> Vec<std::net::IpAddr> {
-        let mut ips = Vec::new();
-        for u in &self.urls {
-            match u.host() {
-                Some(url::Host::Ipv4(ip)) => ips.push(ip.into()),
-                Some(url::Host::Ipv6(ip)) => ips.push(ip.into()),
-                Some(url::Host::Domain(d)) => {
-                    let port = u.port_or_known_default().unwrap_or(80);
-                    if let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(&(d, port)) {
-                        ips.extend(addrs.map(|a| a.ip()));
-                    }
-                }
-                None => {}
+        let mut ips: Vec<std::net::IpAddr> = self
+            .urls
+            .iter()
+            .filter_map(|u| match u.host() {
+                Some(url::Host::Ipv4(ip)) => Some(ip.into()),
+                Some(url::Host::Ipv6(ip)) => Some(ip.into()),
+                _ => None,
+            })
+            .collect();
+        for ip in self.seed_ips.lock().expect("poisoned").iter() {
+            if !ips.contains(ip) {
+                ips.push(*ip);
             }
         }
         ips
@@ -176,6 +182,14 @@ impl Trackers {
                 }
                 if !status.is_success() {
                     return Err(format!("{base} answered {status}"));
+                }
+                if let Some(seed) = resp
+                    .headers()
+                    .get(api::SEED_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<std::net::SocketAddr>().ok())
+                {
+                    self.seed_ips.lock().expect("poisoned").insert(seed.ip());
                 }
                 let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
                 let torrent = BlobTorrent::from_metainfo(&bytes).map_err(|e| e.to_string())?;

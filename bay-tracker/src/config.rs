@@ -61,7 +61,7 @@ pub struct Config {
     pub upstream_rate: Option<u64>,
 
     /// Seconds that shutdown (SIGTERM) waits for requests in flight before cutting them.
-    #[arg(long, env = "BAY_DRAIN_TIMEOUT", default_value_t = 10)]
+    #[arg(long, env = "BAY_DRAIN_TIMEOUT", default_value_t = 5)]
     pub drain_timeout: u64,
 }
 

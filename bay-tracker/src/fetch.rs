@@ -183,15 +183,18 @@ impl Blobs {
         digest: &Digest,
         source: &Source,
     ) -> Result<BlobTorrent, TrackerError> {
-        let slot = if self.limits.saturated() {
-            tracing::info!("waiting for an upstream fetch slot (--upstream-concurrency)");
-            self.metrics.upstream_queued.inc();
-            let slot = self.limits.slot().await;
+        let mut waited = false;
+        let slot = self
+            .limits
+            .slot(|| {
+                tracing::info!("waiting for an upstream fetch slot (--upstream-concurrency)");
+                self.metrics.upstream_queued.inc();
+                waited = true;
+            })
+            .await;
+        if waited {
             self.metrics.upstream_queued.dec();
-            slot
-        } else {
-            self.limits.slot().await
-        };
+        }
         let started = std::time::Instant::now();
         let mut resp = match self
             .upstream

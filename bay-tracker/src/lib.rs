@@ -117,7 +117,12 @@ async fn reseed_leftovers(blobs: Arc<fetch::Blobs>, stop: tokio_util::sync::Canc
         if stop.is_cancelled() {
             return;
         }
-        match blobs.ensure(&digest, None).await {
+        // Re-hashing a big blob takes a while: shutdown must not wait for it.
+        let verified = tokio::select! {
+            _ = stop.cancelled() => return,
+            v = blobs.ensure(&digest, None) => v,
+        };
+        match verified {
             Ok(t) => tracing::info!(digest = %digest, size = t.size(), "re-seeding blob"),
             Err(e) => tracing::warn!(digest = %digest, "blob left on disk not re-seeded: {e}"),
         }

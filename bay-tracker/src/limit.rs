@@ -36,19 +36,15 @@ impl UpstreamLimits {
         }
     }
 
-    /// Waits for a fetch slot; the fetch holds it until the permit drops.
-    pub async fn slot(&self) -> Option<SemaphorePermit<'_>> {
-        match &self.slots {
-            Some(s) => Some(s.acquire().await.expect("never closed")),
-            None => None,
+    /// Waits for a fetch slot; the fetch holds it until the permit drops. `queued` runs
+    /// only if the fetch has to wait, so a gauge of waiting fetches misses none.
+    pub async fn slot(&self, queued: impl FnOnce()) -> Option<SemaphorePermit<'_>> {
+        let slots = self.slots.as_ref()?;
+        if let Ok(permit) = slots.try_acquire() {
+            return Some(permit);
         }
-    }
-
-    /// True when a fetch would have to wait for a slot now.
-    pub fn saturated(&self) -> bool {
-        self.slots
-            .as_ref()
-            .is_some_and(|s| s.available_permits() == 0)
+        queued();
+        Some(slots.acquire().await.expect("never closed"))
     }
 
     /// Accounts for `bytes` just received, sleeping as long as the rate requires.
@@ -126,15 +122,18 @@ mod tests {
         let t0 = Instant::now();
         take_all(&l, 64 * MIB).await;
         assert_eq!(t0.elapsed(), Duration::ZERO);
-        assert!(l.slot().await.is_none() && !l.saturated());
+        assert!(l.slot(|| panic!("unlimited never queues")).await.is_none());
 
         let l = UpstreamLimits::new(2, Some(0));
-        let a = l.slot().await.unwrap();
-        let _b = l.slot().await.unwrap();
-        assert!(l.saturated());
-        let third = tokio::time::timeout(Duration::from_secs(1), l.slot()).await;
-        assert!(third.is_err(), "a third fetch must wait");
+        let a = l.slot(|| panic!("a slot is free")).await.unwrap();
+        let _b = l.slot(|| panic!("a slot is free")).await.unwrap();
+        let mut queued = false;
+        let third = tokio::time::timeout(Duration::from_secs(1), l.slot(|| queued = true)).await;
+        assert!(
+            third.is_err() && queued,
+            "a third fetch must wait, and say so"
+        );
         drop(a);
-        assert!(l.slot().await.is_some());
+        assert!(l.slot(|| panic!("a slot is free")).await.is_some());
     }
 }

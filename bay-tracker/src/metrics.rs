@@ -4,14 +4,18 @@
 //! Counters move where the work happens; what is a reading of state (blobs held, peers,
 //! bytes the seed uploaded) is brought up to date when scraped.
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::Mutex;
+
+use bay_common::Digest;
 
 use bay_common::metrics::prometheus_client::encoding::EncodeLabelSet;
 use bay_common::metrics::prometheus_client::metrics::counter::Counter;
 use bay_common::metrics::prometheus_client::metrics::family::Family;
 use bay_common::metrics::prometheus_client::metrics::gauge::Gauge;
 use bay_common::metrics::prometheus_client::registry::Registry;
-use bay_common::metrics::{Ledger, Outcome};
+use bay_common::metrics::{Ledger, Outcome, catch_up};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Event {
@@ -36,7 +40,14 @@ pub struct Metrics {
     evictions: Counter,
     seed_uploaded: Counter,
     pub ledger: Ledger,
+    /// (proxy, blob) pairs already counted as served, so a proxy asking again for the same
+    /// torrent (its stall recovery) does not count the blob twice.
+    handed_out: Mutex<HashSet<(IpAddr, Digest)>>,
 }
+
+/// Pairs remembered in `handed_out`; past this the set starts again (a rare double count
+/// beats unbounded memory).
+const MAX_HANDED_OUT: usize = 1 << 16;
 
 /// State read at scrape time.
 pub struct Readings {
@@ -135,6 +146,7 @@ impl Default for Metrics {
             evictions,
             seed_uploaded,
             ledger: Ledger::default(),
+            handed_out: Mutex::default(),
         }
     }
 }
@@ -151,6 +163,18 @@ impl Metrics {
         bay_common::metrics::render(&self.registry)
     }
 
+    /// Records a torrent handed to the proxy at `to` in the savings ledger, once per proxy and
+    /// blob.
+    pub fn handed_out(&self, image: &str, to: IpAddr, digest: &Digest, size: u64) {
+        let mut seen = self.handed_out.lock().expect("ledger poisoned");
+        if seen.len() >= MAX_HANDED_OUT {
+            seen.clear();
+        }
+        if seen.insert((to, digest.clone())) {
+            self.ledger.served(image, size);
+        }
+    }
+
     pub fn upstream_fetch(&self, outcome: &'static str) {
         self.upstream_fetches
             .get_or_create(&Outcome { outcome })
@@ -161,14 +185,5 @@ impl Metrics {
         self.upstream_fetches
             .get(&Outcome { outcome: "ok" })
             .map_or(0, |c| c.get())
-    }
-}
-
-/// Moves a counter up to a total read elsewhere (they only grow, except that the seed's
-/// upload total drops when an evicted torrent leaves the session: then it holds still).
-fn catch_up(counter: &Counter, total: u64) {
-    let seen = counter.get();
-    if total > seen {
-        counter.inc_by(total - seen);
     }
 }

@@ -65,6 +65,8 @@ pub struct Preheats {
     jobs: Mutex<Jobs>,
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// Blob fetches all preheats may run at once: half of `--upstream-concurrency`.
+    slots: tokio::sync::Semaphore,
 }
 
 #[derive(Default)]
@@ -116,7 +118,12 @@ enum Top {
 
 impl Preheats {
     pub fn new(config: Config, blobs: Arc<Blobs>) -> Self {
+        let slots = match config.upstream_concurrency {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => (n / 2).max(1),
+        };
         Self {
+            slots: tokio::sync::Semaphore::new(slots),
             config,
             blobs,
             jobs: Mutex::default(),
@@ -249,6 +256,9 @@ impl Preheats {
             .map(|d| {
                 let source = source.clone();
                 async move {
+                    // Preheats together take at most half the upstream slots, so proxies'
+                    // requests never queue behind a batch of preheats.
+                    let _slot = self.slots.acquire().await.expect("never closed");
                     let result = self.blobs.torrent_for(source, &d.digest).await;
                     (d, result)
                 }

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bay_common::announce::{self, AnnounceRequest};
-use bay_common::api::{INFO_HASH_HEADER, TORRENT_CONTENT_TYPE, TrackerStats};
+use bay_common::api::{INFO_HASH_HEADER, SEED_HEADER, TORRENT_CONTENT_TYPE, TrackerStats};
 use bay_common::metrics::Outcome;
 use bay_common::upstream::Credentials;
 use bay_common::{Digest, RepositoryName};
@@ -64,10 +64,11 @@ fn split_torrent_path(path: &str) -> Result<(&str, &str, &str), TrackerError> {
 
 async fn torrent(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(conn): ConnectInfo<bay_common::serve::Conn>,
     Path(path): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    match torrent_inner(&state, &path, &headers).await {
+    match torrent_inner(&state, &path, &headers, conn).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -77,6 +78,7 @@ async fn torrent_inner(
     state: &Arc<AppState>,
     path: &str,
     headers: &HeaderMap,
+    conn: bay_common::serve::Conn,
 ) -> Result<Response, ErrorResponse> {
     let (registry, name, digest) = split_torrent_path(path)?;
     let digest: Digest = digest.parse().map_err(TrackerError::from)?;
@@ -119,7 +121,9 @@ async fn torrent_inner(
         .torrent_requests
         .get_or_create(&Outcome { outcome: "ok" })
         .inc();
-    state.metrics.ledger.served(&image, torrent.size());
+    state
+        .metrics
+        .handed_out(&image, conn.remote.ip(), &digest, torrent.size());
     let body = torrent.to_metainfo(&[state.config.announce_url()]);
     Ok((
         [
@@ -130,6 +134,11 @@ async fn torrent_inner(
             (
                 header::HeaderName::from_static(INFO_HASH_HEADER),
                 HeaderValue::from_str(&torrent.info_hash().to_hex()).expect("hex is ascii"),
+            ),
+            (
+                header::HeaderName::from_static(SEED_HEADER),
+                HeaderValue::from_str(&own_seed(state, conn.local).to_string())
+                    .expect("addresses are ascii"),
             ),
         ],
         body,
@@ -160,6 +169,17 @@ impl IntoResponse for ErrorResponse {
 
 fn bencoded(body: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// Where peers reach the tracker's seed: `--peer-ip`, else the listen IP, else the address
+/// the caller reached us on.
+fn own_seed(state: &AppState, local: SocketAddr) -> SocketAddr {
+    let ip = state
+        .config
+        .peer_ip
+        .or_else(|| (!state.config.listen.ip().is_unspecified()).then(|| state.config.listen.ip()))
+        .unwrap_or(local.ip());
+    peer_addr(SocketAddr::new(ip, 0), state.config.peer_port)
 }
 
 /// The address a peer at `remote` is reachable on: v4-mapped v6 addresses become v4.
@@ -197,16 +217,7 @@ async fn announce(
         .get_or_create(&Event { event })
         .inc();
     let held = state.blobs.store.holds(&req.info_hash);
-    let own_seed = held.then(|| {
-        let ip = state
-            .config
-            .peer_ip
-            .or_else(|| {
-                (!state.config.listen.ip().is_unspecified()).then(|| state.config.listen.ip())
-            })
-            .unwrap_or(conn.local.ip());
-        peer_addr(SocketAddr::new(ip, 0), state.config.peer_port)
-    });
+    let own_seed = held.then(|| own_seed(&state, conn.local));
     let peer = peer_addr(conn.remote, req.port);
     match state.swarms.announce(&req, peer, own_seed, Instant::now()) {
         Ok(resp) => bencoded(resp.encode(req.compact)),

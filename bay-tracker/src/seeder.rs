@@ -20,6 +20,8 @@ const INIT_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub struct Seeder {
     session: Arc<Session>,
+    /// Uploads of torrents since removed, which the session no longer reports.
+    retired_uploaded: std::sync::atomic::AtomicU64,
 }
 
 impl Seeder {
@@ -58,7 +60,10 @@ impl Seeder {
             ..Default::default()
         };
         let session = Session::new_with_opts(blob_dir.to_path_buf(), opts).await?;
-        Ok(Self { session })
+        Ok(Self {
+            session,
+            retired_uploaded: Default::default(),
+        })
     }
 
     pub fn listen_addr(&self) -> Option<SocketAddr> {
@@ -103,17 +108,27 @@ impl Seeder {
     /// Stops seeding; the caller removes the file.
     pub async fn remove(&self, info_hash: InfoHash) {
         let id = TorrentIdOrHash::Hash(Id20::new(info_hash.0));
+        if let Some(h) = self.session.get(id) {
+            self.retired_uploaded.fetch_add(
+                h.stats().uploaded_bytes,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         if let Err(e) = self.session.delete(id, false).await {
             tracing::debug!(info_hash = %info_hash.to_hex(), "removing torrent: {e:#}");
         }
     }
 
-    /// Bytes the seed has uploaded, summed over the torrents it holds now.
+    /// Bytes the seed has uploaded since start, including torrents evicted since.
     pub fn uploaded_bytes(&self) -> u64 {
-        self.session.with_torrents(|it| {
+        let live = self.session.with_torrents(|it| {
             it.map(|(_, h)| h.stats().uploaded_bytes)
                 .fold(0u64, |a, b| a.saturating_add(b))
-        })
+        });
+        live.saturating_add(
+            self.retired_uploaded
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     pub async fn stop(&self) {
