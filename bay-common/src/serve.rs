@@ -28,13 +28,25 @@ pub struct Conn {
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets requests
 /// in flight finish for up to `drain`, and cuts what is left.
+///
+/// The accept loop runs as a task of its own, on the worker pool with the connections: on the
+/// caller's thread (`main`, outside the pool) it took a fifth of the tracker's samples in the
+/// announce benchmark's profile, every connection handed across threads.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<()> {
-    serve_with(listener, app, shutdown, HEADER_READ_TIMEOUT, drain).await
+    tokio::spawn(serve_with(
+        listener,
+        app,
+        shutdown,
+        HEADER_READ_TIMEOUT,
+        drain,
+    ))
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 async fn serve_with(
