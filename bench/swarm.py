@@ -975,7 +975,8 @@ def table(res: dict) -> str:
             rows.append("")
             rows.append(f"{name}: bay's savings ledger: proxies served {sv['served_to_clients'] / 2**20:.0f} MiB "
                         f"to clients, bay fetched {sv['fetched_upstream'] / 2**20:.0f} MiB upstream "
-                        f"({sv['served_to_clients'] / max(1, sv['fetched_upstream']):.1f}x).")
+                        + (f"({sv['served_to_clients'] / sv['fetched_upstream']:.1f}x)." if sv['fetched_upstream']
+                           else "(nothing: all from the swarm)."))
     if any(others_share(m) > 0.1 for m in modes.values()):
         rows.append("")
         rows.append("\\* other processes on this shared machine (not this benchmark) used " + ", ".join(
