@@ -16,7 +16,7 @@ use bay_common::announce::{
     AnnounceRequest, AnnounceResponse, Event, InfoHash, PeerId, ScrapeEntry,
 };
 use bay_common::api::Slot;
-use rand::seq::SliceRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 
 pub const LEECHER_INTERVAL: Duration = Duration::from_secs(1);
 pub const SEED_INTERVAL: Duration = Duration::from_secs(60);
@@ -58,8 +58,120 @@ impl Peer {
 
 #[derive(Default)]
 struct Swarm {
-    peers: HashMap<SocketAddr, Peer>,
+    peers: PeerTable,
     completed: u32,
+}
+
+/// A swarm's peers in two pools, seeds and leechers, each a `Vec` with an index by address:
+/// an announce draws its handful of peers by random index instead of walking thousands, and
+/// an empty leecher (offered seeds only) draws from the seeds alone.
+#[derive(Default)]
+struct PeerTable {
+    seeds: Vec<(SocketAddr, Peer)>,
+    leechers: Vec<(SocketAddr, Peer)>,
+    /// Where each peer is: (in `seeds`?, position).
+    at: HashMap<SocketAddr, (bool, usize)>,
+}
+
+impl PeerTable {
+    fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    fn seeds(&self) -> usize {
+        self.seeds.len()
+    }
+
+    fn contains(&self, addr: &SocketAddr) -> bool {
+        self.at.contains_key(addr)
+    }
+
+    fn pool(&mut self, seed: bool) -> &mut Vec<(SocketAddr, Peer)> {
+        if seed {
+            &mut self.seeds
+        } else {
+            &mut self.leechers
+        }
+    }
+
+    /// Adds or updates a peer, moving it between pools if it became a seed; returns the old
+    /// entry.
+    fn insert(&mut self, addr: SocketAddr, peer: Peer) -> Option<Peer> {
+        let old = self.remove(&addr);
+        let seed = peer.is_seed();
+        let pool = self.pool(seed);
+        pool.push((addr, peer));
+        let i = pool.len() - 1;
+        self.at.insert(addr, (seed, i));
+        old
+    }
+
+    fn remove(&mut self, addr: &SocketAddr) -> Option<Peer> {
+        let (seed, i) = self.at.remove(addr)?;
+        let pool = self.pool(seed);
+        let (_, peer) = pool.swap_remove(i);
+        if let Some((moved, _)) = pool.get(i) {
+            let moved = *moved;
+            self.at.insert(moved, (seed, i));
+        }
+        Some(peer)
+    }
+
+    fn retain(&mut self, keep: impl Fn(&Peer) -> bool) {
+        let gone: Vec<SocketAddr> = self
+            .seeds
+            .iter()
+            .chain(&self.leechers)
+            .filter(|(_, p)| !keep(p))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in gone {
+            self.remove(&a);
+        }
+    }
+
+    /// Up to `room` distinct peers, uniformly at random among those `eligible`, seeds only
+    /// unless `leechers_too`. Random probes find them in O(room) when most peers qualify; a
+    /// full pass finishes the job when few do.
+    fn sample(
+        &self,
+        room: usize,
+        leechers_too: bool,
+        eligible: impl Fn(&SocketAddr, &Peer) -> bool,
+        rng: &mut impl rand::Rng,
+    ) -> Vec<SocketAddr> {
+        let n = self.seeds.len() + if leechers_too { self.leechers.len() } else { 0 };
+        let nth = |i: usize| match self.seeds.get(i) {
+            Some(e) => e,
+            None => &self.leechers[i - self.seeds.len()],
+        };
+        let mut picked: Vec<SocketAddr> = Vec::with_capacity(room.min(n));
+        if room == 0 || n == 0 {
+            return picked;
+        }
+        if n > 4 * room {
+            for _ in 0..8 * room {
+                let (a, p) = nth(rng.random_range(0..n));
+                if eligible(a, p) && !picked.contains(a) {
+                    picked.push(*a);
+                    if picked.len() == room {
+                        return picked;
+                    }
+                }
+            }
+        }
+        // Few qualify (or the swarm is small): take a uniform sample of all that do.
+        let all: Vec<SocketAddr> = (0..n)
+            .map(nth)
+            .filter(|(a, p)| eligible(a, p))
+            .map(|(a, _)| *a)
+            .collect();
+        all.choose_multiple(rng, room).copied().collect()
+    }
 }
 
 #[derive(Default)]
@@ -95,7 +207,7 @@ impl Swarms {
         if req.event == Some(Event::Stopped) {
             swarm.peers.remove(&peer);
         } else {
-            if !swarm.peers.contains_key(&peer) && swarm.peers.len() >= MAX_PEERS_PER_SWARM {
+            if !swarm.peers.contains(&peer) && swarm.peers.len() >= MAX_PEERS_PER_SWARM {
                 return Err(SwarmError::SwarmFull);
             }
             let me = Peer {
@@ -110,38 +222,39 @@ impl Swarms {
             }
         }
         let me_has_pieces = left == 0 || req.downloaded > 0;
-        let mut peers: Vec<SocketAddr> = if left == 0 || req.event == Some(Event::Stopped) {
-            // Seeds need nobody: leechers connect to them.
-            Vec::new()
-        } else {
-            swarm
-                .peers
-                .iter()
-                .filter(|(addr, p)| {
-                    **addr != peer
-                        && p.expires > now
-                        && (p.is_seed() || (me_has_pieces && p.has_pieces()))
-                })
-                .map(|(addr, _)| *addr)
-                .collect()
-        };
         let numwant = req
             .numwant
             .map(|n| n as usize)
             .unwrap_or(DEFAULT_NUMWANT)
             .min(MAX_NUMWANT);
-        peers.shuffle(&mut rand::rng());
-        if let Some(seed) = own_seed
-            && left != 0
-        {
-            // Always include the tracker's own seed: it is the one peer sure to have it all.
-            peers.retain(|p| *p != seed);
-            peers.insert(0, seed);
-        }
-        peers.truncate(numwant);
-        let complete =
-            swarm.peers.values().filter(|p| p.is_seed()).count() as u32 + own_seed.is_some() as u32;
-        let incomplete = swarm.peers.values().filter(|p| !p.is_seed()).count() as u32;
+        // Seeds need nobody (leechers connect to them); leechers always get the tracker's own
+        // seed, the one peer sure to have it all, plus a random sample of the rest.
+        let wants_peers = left != 0 && req.event != Some(Event::Stopped);
+        let own = own_seed.filter(|_| wants_peers && numwant > 0);
+        let room = if wants_peers {
+            numwant.saturating_sub(own.is_some() as usize)
+        } else {
+            0
+        };
+        let mut rng = rand::rng();
+        let mut sample = swarm.peers.sample(
+            room,
+            me_has_pieces,
+            |addr, p| {
+                *addr != peer
+                    && Some(*addr) != own
+                    && p.expires > now
+                    && (p.is_seed() || p.has_pieces())
+            },
+            &mut rng,
+        );
+        sample.shuffle(&mut rng);
+        let mut peers = Vec::with_capacity(sample.len() + 1);
+        peers.extend(own);
+        peers.extend(sample);
+        let seeds = swarm.peers.seeds() as u32;
+        let complete = seeds + own_seed.is_some() as u32;
+        let incomplete = swarm.peers.len() as u32 - seeds;
         if swarm.peers.is_empty() {
             swarms.remove(&req.info_hash);
         }
@@ -164,7 +277,7 @@ impl Swarms {
             .iter()
             .map(|h| {
                 let s = swarms.get(h);
-                let seeds = s.map_or(0, |s| s.peers.values().filter(|p| p.is_seed()).count());
+                let seeds = s.map_or(0, |s| s.peers.seeds());
                 let total = s.map_or(0, |s| s.peers.len());
                 (
                     *h,
@@ -182,7 +295,7 @@ impl Swarms {
     pub fn expire(&self, now: Instant) {
         let mut swarms = self.inner.lock().expect("swarms poisoned");
         swarms.retain(|_, s| {
-            s.peers.retain(|_, p| p.expires > now);
+            s.peers.retain(|p| p.expires > now);
             !s.peers.is_empty()
         });
     }
@@ -335,6 +448,92 @@ mod tests {
         let a = s.announce(&r, addr(2), Some(own), now).unwrap();
         assert_eq!(a.peers.len(), 31);
         assert_eq!(a.complete, 31);
+    }
+
+    #[test]
+    fn big_swarms_give_a_fair_sample() {
+        let s = Swarms::default();
+        let now = Instant::now();
+        let own = SocketAddr::from(([127, 0, 0, 9], 6881));
+        for p in 1000..4000 {
+            s.announce(&req(p, 0, 1), addr(p), Some(own), now).unwrap();
+        }
+        let mut hits = std::collections::HashMap::<SocketAddr, u32>::new();
+        for _ in 0..200 {
+            let a = s
+                .announce(&req(9, 100, 0), addr(9), Some(own), now)
+                .unwrap();
+            assert_eq!(a.peers.len(), DEFAULT_NUMWANT);
+            assert_eq!(a.peers[0], own);
+            let distinct: std::collections::HashSet<_> = a.peers.iter().collect();
+            assert_eq!(distinct.len(), a.peers.len(), "a peer handed out twice");
+            assert!(!a.peers.contains(&addr(9)), "a peer handed itself");
+            assert_eq!((a.complete, a.incomplete), (3001, 1));
+            for p in &a.peers[1..] {
+                *hits.entry(*p).or_default() += 1;
+            }
+        }
+        // 200 × 49 draws from 3000 seeds: about 3.3 each if the sample is uniform; a sampler
+        // that favoured the start or end of the map would leave most of the swarm unseen.
+        assert!(
+            hits.len() > 2800,
+            "only {} of 3000 seeds ever handed out",
+            hits.len()
+        );
+        assert!(hits.values().all(|n| *n < 20), "{:?}", hits.values().max());
+        let mut none = req(9, 100, 0);
+        none.numwant = Some(0);
+        assert!(
+            s.announce(&none, addr(9), Some(own), now)
+                .unwrap()
+                .peers
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn peer_table_matches_a_map_under_random_changes() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut table = PeerTable::default();
+        let mut model = HashMap::<SocketAddr, Peer>::new();
+        let now = Instant::now();
+        for step in 0..20_000 {
+            let a = addr(rng.random_range(1..300));
+            match rng.random_range(0..10) {
+                0..=5 => {
+                    let p = Peer {
+                        peer_id: PeerId([0; 20]),
+                        left: rng.random_range(0..3),
+                        downloaded: 0,
+                        expires: now + Duration::from_secs(rng.random_range(0..100)),
+                    };
+                    assert_eq!(
+                        table.insert(a, p.clone()).map(|p| p.left),
+                        model.insert(a, p).map(|p| p.left)
+                    );
+                }
+                6..=8 => assert_eq!(
+                    table.remove(&a).map(|p| p.left),
+                    model.remove(&a).map(|p| p.left)
+                ),
+                _ => {
+                    let cut = now + Duration::from_secs(rng.random_range(0..20));
+                    table.retain(|p| p.expires > cut);
+                    model.retain(|_, p| p.expires > cut);
+                }
+            }
+            assert_eq!(table.len(), model.len(), "step {step}");
+            assert_eq!(
+                table.seeds(),
+                model.values().filter(|p| p.is_seed()).count()
+            );
+            for (k, &(seed, i)) in &table.at {
+                let pool = if seed { &table.seeds } else { &table.leechers };
+                assert_eq!(pool[i].0, *k, "step {step}: index out of date");
+                assert_eq!(pool[i].1.left, model[k].left);
+            }
+        }
     }
 
     #[test]
