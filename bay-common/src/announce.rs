@@ -4,6 +4,7 @@
 //! Nothing here does I/O; the tracker server feeds raw query strings in and writes the bytes
 //! out.
 
+use crate::api::shown;
 use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -70,7 +71,7 @@ impl InfoHash {
         hex::decode_to_slice(s, &mut out).map_err(|_| AnnounceError::Invalid {
             field: "info_hash",
             expected: "40 hex characters",
-            value: shown(s),
+            value: shown(s, SHOWN_LEN),
         })?;
         Ok(InfoHash(out))
     }
@@ -351,7 +352,7 @@ fn invalid(field: &'static str, expected: &'static str, value: &str) -> Announce
     AnnounceError::Invalid {
         field,
         expected,
-        value: shown(value),
+        value: shown(value, SHOWN_LEN),
     }
 }
 
@@ -515,14 +516,6 @@ fn unmap(peer: SocketAddr) -> SocketAddr {
             None => peer,
         },
         v4 => v4,
-    }
-}
-
-/// A prefix of a rejected value short enough to quote in a failure reason.
-fn shown(s: &str) -> String {
-    match s.char_indices().nth(SHOWN_LEN) {
-        Some((end, _)) => format!("{}…", &s[..end]),
-        None => s.to_owned(),
     }
 }
 

@@ -16,6 +16,15 @@ pub const INFO_HASH_HEADER: &str = "x-bay-info-hash";
 /// that seed among its peers even when it is not at the tracker's HTTP address.
 pub const SEED_HEADER: &str = "x-bay-seed";
 
+/// A rejected value as error messages quote it: cut to `max_chars` characters, so a client
+/// cannot make bay echo megabytes back (or into its log).
+pub(crate) fn shown(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_owned(),
+    }
+}
+
 /// Path of the torrent for a blob, relative to a tracker's base URL.
 pub fn torrent_path(registry: &Registry, name: &RepositoryName, digest: &Digest) -> String {
     format!(

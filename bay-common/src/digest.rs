@@ -1,5 +1,6 @@
 //! OCI content digests: strict parsing, file names, and incremental verification.
 
+use crate::api::shown;
 use std::fmt;
 use std::str::FromStr;
 
@@ -93,7 +94,7 @@ impl Digest {
     /// Inverse of [`Digest::file_name`], for finding what a cached file holds.
     pub fn from_file_name(name: &str) -> Result<Digest, DigestError> {
         let invalid = |reason| DigestError::InvalidFileName {
-            value: shown(name),
+            value: shown(name, SHOWN_LEN),
             reason,
         };
         if name.len() > MAX_LEN {
@@ -142,7 +143,7 @@ impl FromStr for Digest {
     /// registered algorithm we implement with its lowercase hex encoding.
     fn from_str(s: &str) -> Result<Digest, DigestError> {
         let invalid = |reason| DigestError::Invalid {
-            value: shown(s),
+            value: shown(s, SHOWN_LEN),
             reason,
         };
         if s.len() > MAX_LEN {
@@ -272,14 +273,6 @@ fn hex_reason(algorithm: Algorithm) -> &'static str {
     match algorithm {
         Algorithm::Sha256 => "encoded part must be 64 lowercase hex characters",
         Algorithm::Sha512 => "encoded part must be 128 lowercase hex characters",
-    }
-}
-
-/// A prefix of a rejected value short enough to quote in an error.
-fn shown(s: &str) -> String {
-    match s.char_indices().nth(SHOWN_LEN) {
-        Some((end, _)) => format!("{}…", &s[..end]),
-        None => s.to_owned(),
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! Manifests are only read here, never re-serialized: their digest is over upstream's bytes.
 
+use crate::api::shown;
 use std::fmt;
 use std::str::FromStr;
 
@@ -65,7 +66,7 @@ impl ManifestRef {
             });
         if !ok {
             return Err(ReferenceError::Invalid {
-                value: shown(s),
+                value: shown(s, SHOWN_LEN),
                 reason: "tag must match [a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}",
             });
         }
@@ -99,7 +100,7 @@ impl FromStr for ImageRef {
 
     fn from_str(s: &str) -> Result<ImageRef, ReferenceError> {
         let invalid = |reason| ReferenceError::Invalid {
-            value: shown(s),
+            value: shown(s, SHOWN_LEN),
             reason,
         };
         if s.len() > MAX_REFERENCE_LEN {
@@ -489,14 +490,6 @@ impl Event {
             )
             .parse(),
         )
-    }
-}
-
-/// A prefix of a rejected value short enough to quote in an error.
-fn shown(s: &str) -> String {
-    match s.char_indices().nth(SHOWN_LEN) {
-        Some((end, _)) => format!("{}…", &s[..end]),
-        None => s.to_owned(),
     }
 }
 

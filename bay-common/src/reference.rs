@@ -1,5 +1,6 @@
 //! Repository names and upstream registry addresses, validated before they reach paths or URLs.
 
+use crate::api::shown;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -58,7 +59,7 @@ impl FromStr for RepositoryName {
     /// bytes. Percent-encoded input is not decoded: `%2e` is simply invalid.
     fn from_str(s: &str) -> Result<RepositoryName, NameError> {
         let invalid = |reason| NameError::Invalid {
-            value: shown(s),
+            value: shown(s, SHOWN_LEN),
             reason,
         };
         if s.is_empty() {
@@ -215,7 +216,7 @@ impl FromStr for Registry {
     /// http), each with at most a lone trailing `/`.
     fn from_str(s: &str) -> Result<Registry, RegistryError> {
         let invalid = |reason| RegistryError::Invalid {
-            value: shown(s),
+            value: shown(s, SHOWN_LEN),
             reason,
         };
         if s.len() > MAX_REGISTRY_LEN {
@@ -263,12 +264,12 @@ impl<'de> Deserialize<'de> for Registry {
 pub fn parse_authority(s: &str) -> Result<(String, Option<u16>), RegistryError> {
     if s.len() > MAX_REGISTRY_LEN {
         return Err(RegistryError::Invalid {
-            value: shown(s),
+            value: shown(s, SHOWN_LEN),
             reason: "longer than 300 bytes",
         });
     }
     authority_parts(s).map_err(|reason| RegistryError::Invalid {
-        value: shown(s),
+        value: shown(s, SHOWN_LEN),
         reason,
     })
 }
@@ -337,14 +338,6 @@ fn parse_port(p: &str) -> Result<u16, &'static str> {
     match p.parse::<u16>() {
         Ok(0) | Err(_) => Err(REASON),
         Ok(port) => Ok(port),
-    }
-}
-
-/// A prefix of a rejected value short enough to quote in an error.
-fn shown(s: &str) -> String {
-    match s.char_indices().nth(SHOWN_LEN) {
-        Some((end, _)) => format!("{}…", &s[..end]),
-        None => s.to_owned(),
     }
 }
 
