@@ -114,7 +114,9 @@ async fn containerd_pulls_through_the_proxy_as_a_registry_mirror() {
     let sa = a.wait_held(blobs, Duration::from_secs(30)).await.unwrap();
     eprintln!("proxy A stats: {sa}");
     assert_eq!(sa["blobs_served"], blobs, "{sa}");
-    assert_eq!(sa["swarm_downloads"], blobs, "{sa}");
+    // A blob the manifest's prefetch finished first is a cache hit; both came via the swarm.
+    let n = |k: &str| sa[k].as_u64().unwrap_or(0);
+    assert_eq!(n("swarm_downloads") + n("cache_hits"), blobs, "{sa}");
     assert_eq!(sa["fallbacks"], 0, "{sa}");
     assert_eq!(sa["bytes_from_upstream"], 0, "{sa}");
 

@@ -127,7 +127,9 @@ async fn docker_pull_through_the_proxy_gets_intact_layers_from_the_swarm() {
         .unwrap();
     assert_eq!(stats["fallbacks"], 0, "{stats}");
     assert!(
-        stats["swarm_downloads"].as_u64().unwrap_or(0) >= image.layers.len() as u64,
+        // Prefetched blobs finished before the client asked are cache hits.
+        stats["swarm_downloads"].as_u64().unwrap_or(0) + stats["cache_hits"].as_u64().unwrap_or(0)
+            >= image.layers.len() as u64,
         "{stats}"
     );
     eprintln!("proxy stats: {stats}; test took {:?}", started.elapsed());

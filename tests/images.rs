@@ -592,7 +592,9 @@ async fn images_build_and_pull_through_their_containers() {
     assert_eq!(stats["blobs_held"], want, "{stats}");
     assert_eq!(stats["fallbacks"], 0, "{stats}");
     assert!(
-        stats["swarm_downloads"].as_u64().unwrap_or(0) >= image.layers.len() as u64,
+        // Prefetched blobs finished before the client asked are cache hits.
+        stats["swarm_downloads"].as_u64().unwrap_or(0) + stats["cache_hits"].as_u64().unwrap_or(0)
+            >= image.layers.len() as u64,
         "{stats}"
     );
     eprintln!("proxy stats: {stats}; test took {:?}", started.elapsed());

@@ -40,8 +40,13 @@ async fn metrics_follow_swarm_cache_and_fallback_pulls() {
     let n = blobs.len() as f64;
     let mut tracker = Tracker::start(&[registry.url()], &[]).await.unwrap();
     let trackers = [tracker.url()];
-    let a = Proxy::start(&trackers, &registry.url(), &[]).await.unwrap();
-    let b = Proxy::start(&trackers, &registry.url(), &[]).await.unwrap();
+    // Without prefetch, so each pull's outcomes are exact (tests/prefetch.rs covers it).
+    let a = Proxy::start(&trackers, &registry.url(), &["--prefetch", "false"])
+        .await
+        .unwrap();
+    let b = Proxy::start(&trackers, &registry.url(), &["--prefetch", "false"])
+        .await
+        .unwrap();
     for url in [tracker.url(), a.url(), b.url()] {
         // Ready once start-up verification (nothing to verify here) is done.
         bay_tests::wait_http_ok(&format!("{url}/readyz"), Duration::from_secs(30))

@@ -274,6 +274,52 @@ impl Blobs {
         }
     }
 
+    /// Starts swarm downloads of the blobs an image manifest names, unless cached or already
+    /// running, so they are on their way before the client asks. Nothing is served by this:
+    /// a client's GET still has its access checked, then joins the download.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        registry: &Registry,
+        name: &RepositoryName,
+        digests: Vec<Digest>,
+        authorization: Option<HeaderValue>,
+    ) {
+        for digest in digests {
+            if self.store.get(&digest).is_some()
+                || self
+                    .downloads
+                    .lock()
+                    .expect("poisoned")
+                    .contains_key(&digest)
+            {
+                continue;
+            }
+            let span = tracing::info_span!("prefetch", digest = %digest, repo = %name);
+            let req = BlobRequest {
+                registry: registry.clone(),
+                name: name.clone(),
+                digest,
+                authorization: authorization.clone(),
+            };
+            let this = self.clone();
+            tokio::spawn(
+                async move {
+                    match this.download(&req).await {
+                        Ok(_) => {
+                            this.metrics.prefetches.inc();
+                            tracing::debug!("prefetching from the swarm");
+                        }
+                        Err(Start::Refused(r)) => {
+                            tracing::debug!(status = r.status.as_u16(), "prefetch refused");
+                        }
+                        Err(Start::Failed(why)) => tracing::debug!("no prefetch: {why}"),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
     /// Joins the running download of the blob, or starts one.
     async fn download(self: &Arc<Self>, req: &BlobRequest) -> Result<Arc<Download>, Start> {
         if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {

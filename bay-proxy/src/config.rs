@@ -55,6 +55,14 @@ pub struct Config {
     #[arg(long, env = "BAY_UPLOAD_LIMIT", value_parser = parse_size)]
     pub upload_limit: Option<u64>,
 
+    /// Start swarm downloads of an image's config and layers as soon as its manifest passes
+    /// through, so a client that asks for blobs one after another (skopeo, crane) finds them
+    /// already on their way and the swarm moves the whole image at once. Blobs already cached
+    /// are skipped; a client that then skips a layer leaves it cached and seeded. `false`
+    /// downloads only what clients ask for.
+    #[arg(long, env = "BAY_PREFETCH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefetch: bool,
+
     /// Seconds that shutdown (SIGTERM) waits for blob downloads and responses in flight before
     /// cutting them. Clients whose response is cut retry; nothing partial is cached.
     #[arg(long, env = "BAY_DRAIN_TIMEOUT", default_value_t = 5)]
@@ -125,5 +133,8 @@ mod tests {
         let e = bad.validate().unwrap_err();
         assert!(e.contains("ghcr.io"), "{e}");
         assert_eq!(Config::default().listen.port(), 80);
+        assert!(Config::default().prefetch);
+        assert!(!Config::parse_from(["bay-proxy", "--prefetch", "false"]).prefetch);
+        assert!(Config::try_parse_from(["bay-proxy", "--prefetch", "maybe"]).is_err());
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod passthrough;
+pub mod prefetch;
 pub mod range;
 pub mod route;
 pub mod routes;

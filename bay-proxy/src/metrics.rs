@@ -52,6 +52,7 @@ pub struct Metrics {
     pub fallbacks: Family<Reason, Counter>,
     pub upstream_fetches: Counter,
     pub swarm_downloads: Family<Outcome, Counter>,
+    pub prefetches: Counter,
     cache_blobs: Gauge,
     cache_bytes: Gauge,
     evictions: Counter,
@@ -67,6 +68,7 @@ impl Default for Metrics {
         let fallbacks = Family::<Reason, Counter>::default();
         let upstream_fetches = Counter::default();
         let swarm_downloads = Family::<Outcome, Counter>::default();
+        let prefetches = Counter::default();
         let cache_blobs = Gauge::default();
         let cache_bytes = Gauge::default();
         let evictions = Counter::default();
@@ -102,6 +104,12 @@ impl Default for Metrics {
             swarm_downloads.clone(),
         );
         r.register(
+            "bay_prefetches",
+            "Swarm downloads started because an image manifest named the blob, before any \
+             client asked for it",
+            prefetches.clone(),
+        );
+        r.register(
             "bay_cache_blobs",
             "Blobs held in the cache and seeded",
             cache_blobs.clone(),
@@ -125,6 +133,7 @@ impl Default for Metrics {
             fallbacks,
             upstream_fetches,
             swarm_downloads,
+            prefetches,
             cache_blobs,
             cache_bytes,
             evictions,

@@ -57,6 +57,17 @@ pub fn blob_path(path: &str) -> Option<(&str, &str)> {
     Some((name, digest))
 }
 
+/// `/v2/<name>/manifests/<reference>`: a manifest GET, whose image manifest names the blobs
+/// the client is about to ask for.
+pub fn manifest_repository(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/")?;
+    let (name, reference) = rest.rsplit_once("/manifests/")?;
+    if name.is_empty() || reference.is_empty() || reference.contains('/') {
+        return None;
+    }
+    Some(name)
+}
+
 /// Validates the parts of a blob path.
 pub fn parse_blob(name: &str, digest: &str) -> Result<(RepositoryName, Digest), ProxyError> {
     Ok((name.parse()?, digest.parse()?))
@@ -146,5 +157,22 @@ mod tests {
         assert_eq!(blob_path(&p).unwrap().0, "a/blobs/b");
         assert!(parse_blob("a/../b", &d).is_err());
         assert!(parse_blob("a/b", "sha256:zz").is_err());
+    }
+
+    #[test]
+    fn manifest_paths() {
+        assert_eq!(
+            manifest_repository("/v2/library/alpine/manifests/3.20"),
+            Some("library/alpine")
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            manifest_repository(&format!("/v2/a/manifests/{d}")),
+            Some("a")
+        );
+        assert_eq!(manifest_repository("/v2/a/manifests/"), None);
+        assert_eq!(manifest_repository("/v2/manifests/x"), None);
+        assert_eq!(manifest_repository("/v2/a/manifests/x/y"), None);
+        assert_eq!(manifest_repository(&format!("/v2/a/blobs/{d}")), None);
     }
 }

@@ -10,13 +10,14 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bay_common::RepositoryName;
 use tracing::Instrument;
 
 use crate::blob::{BlobRequest, Blobs};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::passthrough::Passthrough;
-use crate::route;
+use crate::{prefetch, route};
 
 pub struct AppState {
     pub config: Config,
@@ -77,7 +78,19 @@ async fn registry(State(state): State<Arc<AppState>>, req: Request) -> Response 
         .then(|| route::blob_path(req.uri().path()))
         .flatten();
     let Some((name, digest)) = blob else {
-        return state.passthrough.forward(&upstream, &host, req).await;
+        let manifest_of = (req.method() == Method::GET && state.config.prefetch)
+            .then(|| route::manifest_repository(req.uri().path()))
+            .flatten()
+            .and_then(|n| n.parse::<RepositoryName>().ok());
+        let authorization = req.headers().get(header::AUTHORIZATION).cloned();
+        let answer = state.passthrough.forward(&upstream, &host, req).await;
+        return match manifest_of {
+            Some(name) => {
+                prefetch::relay_manifest(answer, &state.blobs, &upstream, &name, authorization)
+                    .await
+            }
+            None => answer,
+        };
     };
     let (name, digest) = match route::parse_blob(name, digest) {
         Ok(p) => p,
