@@ -9,6 +9,7 @@ pub mod flags;
 pub mod manifest;
 pub mod metrics;
 pub mod reference;
+pub mod runtime;
 pub mod serve;
 pub mod shutdown;
 pub mod store;

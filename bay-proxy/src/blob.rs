@@ -216,7 +216,7 @@ impl Blobs {
         // A download whose torrent already failed (a full disk, say) cannot be streamed: its
         // clients go to upstream like those without a swarm.
         let streamable = match download {
-            Some(d) => match Swarm::open(&d.handle, 0).await {
+            Some(d) => match self.swarm.open(&d.handle, 0).await {
                 Ok(reader) => Ok((d, reader)),
                 Err(e) => {
                     tracing::warn!("swarm download unusable, streaming from upstream: {e}");
@@ -474,7 +474,7 @@ impl Blobs {
                         }
                         let token = stop.child_token();
                         tracing::debug!(start = s.start, end = s.end, "prioritising slice");
-                        tokio::spawn(Swarm::prioritise_slice(d.handle.clone(), d.torrent.clone(), s.start, s.end, token.clone()));
+                        self.swarm.prioritise(d.handle.clone(), d.torrent.clone(), s.start, s.end, token.clone());
                         slice = Some((s.start, s.end, token));
                     }
                 }

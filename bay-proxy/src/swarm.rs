@@ -6,6 +6,10 @@
 //! of each blob per node that this node reads ahead ([`Swarm::prioritise_slice`]), and waking
 //! librqbit's idle piece requesters ([`crate::wake`]). A small request window keeps a
 //! connection from reserving pieces that another peer will have a moment later.
+//!
+//! The session runs on a single-threaded runtime of its own ([`Dedicated`]), where librqbit
+//! does its disk I/O inline instead of through `block_in_place`; everything here that makes
+//! librqbit spawn tasks goes through it.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -13,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bay_common::announce::{AnnounceRequest, Event, InfoHash, PeerId};
+use bay_common::runtime::Dedicated;
 use bay_common::torrent::BlobTorrent;
 use bytes::Bytes;
 use librqbit::api::TorrentIdOrHash;
@@ -36,6 +41,7 @@ pub trait BlobRead: AsyncRead + AsyncSeek + Unpin + Send {}
 impl<T: AsyncRead + AsyncSeek + Unpin + Send> BlobRead for T {}
 
 pub struct Swarm {
+    rt: Dedicated,
     session: Arc<Session>,
     peer_id: PeerId,
     peer_port: u16,
@@ -93,8 +99,13 @@ impl Swarm {
             },
             ..Default::default()
         };
-        let session = Session::new_with_opts(default_dir.to_path_buf(), opts).await?;
+        let rt = Dedicated::start("bay-swarm")?;
+        let dir = default_dir.to_path_buf();
+        let session = rt
+            .run(async move { Session::new_with_opts(dir, opts).await })
+            .await??;
         Ok(Self {
+            rt,
             session,
             peer_id,
             peer_port,
@@ -109,27 +120,30 @@ impl Swarm {
     /// Adds a torrent whose file is (or will be) at `dir/<file name>`, announcing to every
     /// configured tracker so proxies find each other whichever tracker handed out the torrent.
     pub async fn add(&self, metainfo: Bytes, dir: &Path) -> Result<Handle, SwarmError> {
-        let resp = self
-            .session
-            .add_torrent(
-                AddTorrent::from_bytes(metainfo),
-                Some(AddTorrentOptions {
-                    overwrite: true,
-                    output_folder: Some(dir.to_string_lossy().into_owned()),
-                    trackers: Some(self.announce.clone()),
-                    ..Default::default()
-                }),
-            )
+        let session = self.session.clone();
+        let opts = AddTorrentOptions {
+            overwrite: true,
+            output_folder: Some(dir.to_string_lossy().into_owned()),
+            trackers: Some(self.announce.clone()),
+            ..Default::default()
+        };
+        self.rt
+            .run(async move {
+                let resp = session
+                    .add_torrent(AddTorrent::from_bytes(metainfo), Some(opts))
+                    .await
+                    .map_err(|e| err(format!("{e:#}")))?;
+                let handle = resp
+                    .into_handle()
+                    .ok_or_else(|| err("librqbit only listed the torrent"))?;
+                tokio::time::timeout(Duration::from_secs(600), handle.wait_until_initialized())
+                    .await
+                    .map_err(|_| err("initial check timed out"))?
+                    .map_err(|e| err(format!("{e:#}")))?;
+                Ok(handle)
+            })
             .await
-            .map_err(|e| err(format!("{e:#}")))?;
-        let handle = resp
-            .into_handle()
-            .ok_or_else(|| err("librqbit only listed the torrent"))?;
-        tokio::time::timeout(Duration::from_secs(600), handle.wait_until_initialized())
-            .await
-            .map_err(|_| err("initial check timed out"))?
-            .map_err(|e| err(format!("{e:#}")))?;
-        Ok(handle)
+            .map_err(err)?
     }
 
     pub fn get(&self, info_hash: InfoHash) -> Option<Handle> {
@@ -140,30 +154,45 @@ impl Swarm {
     /// Stops the torrent; its files stay unless `delete_files`.
     pub async fn remove(&self, info_hash: InfoHash, delete_files: bool) {
         let id = TorrentIdOrHash::Hash(Id20::new(info_hash.0));
-        if let Err(e) = self.session.delete(id, delete_files).await {
-            tracing::debug!(info_hash = %info_hash, "removing torrent: {e:#}");
+        let session = self.session.clone();
+        let r = self
+            .rt
+            .run(async move { session.delete(id, delete_files).await })
+            .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(info_hash = %info_hash, "removing torrent: {e:#}"),
+            Err(e) => tracing::debug!(info_hash = %info_hash, "removing torrent: {e}"),
         }
     }
 
     /// A reader of the blob that waits for verified pieces, starting at `offset`.
-    pub async fn open(handle: &Handle, offset: u64) -> Result<Box<dyn BlobRead>, SwarmError> {
-        let mut s = handle
-            .clone()
-            .stream(0)
-            .await
-            .map_err(|e| err(format!("{e:#}")))?;
-        if offset > 0 {
-            s.seek(std::io::SeekFrom::Start(offset))
-                .await
-                .map_err(err)?;
-        }
-        Ok(Box::new(s))
+    pub async fn open(
+        &self,
+        handle: &Handle,
+        offset: u64,
+    ) -> Result<Box<dyn BlobRead>, SwarmError> {
+        let handle = handle.clone();
+        self.rt.run(open_here(handle, offset)).await.map_err(err)?
+    }
+
+    /// Starts [`Swarm::prioritise_slice`] on the session's runtime.
+    pub fn prioritise(
+        &self,
+        handle: Handle,
+        torrent: Arc<BlobTorrent>,
+        start: f64,
+        end: f64,
+        stop: CancellationToken,
+    ) {
+        self.rt
+            .spawn(Swarm::prioritise_slice(handle, torrent, start, end, stop));
     }
 
     /// Reads (and discards) this node's slice of the blob with a few readers, so librqbit
     /// fetches those pieces first and has them to offer while other nodes fetch theirs.
     /// Returns when the slice is read or `stop` fires.
-    pub async fn prioritise_slice(
+    async fn prioritise_slice(
         handle: Handle,
         torrent: Arc<BlobTorrent>,
         start: f64,
@@ -186,7 +215,7 @@ impl Swarm {
             let handle = handle.clone();
             let stop = stop.clone();
             readers.spawn(async move {
-                let Ok(mut s) = Swarm::open(&handle, a).await else {
+                let Ok(mut s) = open_here(handle, a).await else {
                     return;
                 };
                 let mut buf = vec![0u8; 64 * 1024];
@@ -206,8 +235,13 @@ impl Swarm {
         while readers.join_next().await.is_some() {}
     }
 
+    /// Stops the session, then its runtime.
     pub async fn stop(&self) {
-        self.session.stop().await;
+        let session = self.session.clone();
+        if let Err(e) = self.rt.run(async move { session.stop().await }).await {
+            tracing::debug!("stopping the session: {e}");
+        }
+        self.rt.shutdown();
     }
 
     /// A `stopped` announce for every torrent in the session, as of now: librqbit never sends
@@ -232,4 +266,15 @@ impl Swarm {
             .collect()
         })
     }
+}
+
+/// Opens a stream; must run on the session's runtime, as librqbit may connect peers for it.
+async fn open_here(handle: Handle, offset: u64) -> Result<Box<dyn BlobRead>, SwarmError> {
+    let mut s = handle.stream(0).await.map_err(|e| err(format!("{e:#}")))?;
+    if offset > 0 {
+        s.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(err)?;
+    }
+    Ok(Box::new(s))
 }
