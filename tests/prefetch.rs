@@ -67,6 +67,17 @@ async fn a_manifest_get_prefetches_its_blobs_and_relays_the_bytes_unchanged() {
         // Once, by the tracker.
         assert_eq!(registry.blob_gets(&b.digest), 1, "{}", b.digest);
     }
+    // One after another in the manifest's order (config, 3 MiB, 1 MiB), so the swarm can start
+    // on one layer while the tracker fetches the next; fetched all at once, the 1 MiB layer
+    // would finish before the 3 MiB one.
+    let fetched: Vec<String> = registry
+        .access_log()
+        .into_iter()
+        .filter(|e| e.method == "GET" && e.status == 200 && e.uri.contains("/blobs/sha256:"))
+        .map(|e| e.uri.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    let order = [&image.config, &image.layers[0], &image.layers[1]].map(|b| b.digest.clone());
+    assert_eq!(fetched, order);
 
     // The manifest again, now by digest: nothing new starts for blobs already held.
     let (status, _, again) = get_manifest(&proxy.url(), &image.manifest.digest).await;
