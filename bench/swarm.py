@@ -127,6 +127,14 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def duplicate_share(totals: dict) -> str:
+    """Bytes the proxies fetched beyond the blobs' sizes (pieces received twice), in %."""
+    size = totals.get("size", 0)
+    if not size:
+        return "–"
+    return f"{100 * (totals['from_peers'] + totals['from_trackers'] - size) / size:.1f} %"
+
+
 def fmt_pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.0f} %"
 
@@ -833,7 +841,8 @@ class Bench:
         tracker_delta = {k: v - tracker_before.get(k, 0) if isinstance(v, (int, float)) else v
                          for k, v in tracker_after.items()}
         # One info line per blob: "blob downloaded from the swarm" with from_peers / from_trackers.
-        lines = {"swarm_blobs": 0, "from_peers": 0, "from_trackers": 0, "upstream_fallback_lines": 0}
+        lines = {"swarm_blobs": 0, "from_peers": 0, "from_trackers": 0, "size": 0, "steals": 0,
+                 "upstream_fallback_lines": 0}
         for i in range(self.args.nodes):
             text = (self.logs / f"{mode}-proxy-n{i}.log").read_text(errors="replace")
             for line in text.splitlines():
@@ -842,6 +851,8 @@ class Bench:
                     lines["swarm_blobs"] += 1
                     lines["from_peers"] += int(f.get("from_peers", 0))
                     lines["from_trackers"] += int(f.get("from_trackers", 0))
+                    lines["size"] += int(f.get("size", 0))
+                    lines["steals"] += int(f.get("steals", 0))
                 elif "streaming from upstream" in line or "continuing from upstream" in line:
                     lines["upstream_fallback_lines"] += 1
         # bay's own ledger (the stats endpoints' "savings"): bytes proxies served to clients
@@ -1109,7 +1120,9 @@ def report(res: dict, out: Path, png: Path | None) -> str:
         if name != "direct":
             lt = m["proxy_log_totals"]
             extra = (f"; proxy log: {lt['swarm_blobs']} swarm blobs, from_peers {fmt_bytes(lt['from_peers'])}, "
-                     f"from_trackers {fmt_bytes(lt['from_trackers'])}, {lt['upstream_fallback_lines']} upstream-fallback lines; "
+                     f"from_trackers {fmt_bytes(lt['from_trackers'])}, "
+                     f"fetched twice {duplicate_share(lt)}, {lt.get('steals', 0)} piece steals, "
+                     f"{lt['upstream_fallback_lines']} upstream-fallback lines; "
                      f"tracker upstream_fetches +{m['tracker_delta'].get('upstream_fetches', 0)}")
         lines.append(f"- {name}: wall {m['wall_s']:.1f} s; nodes received {m['node_rx_bytes'] / S:.2f}×S, "
                      f"sent {m['node_tx_bytes'] / S:.2f}×S, tracker sent {m['tracker_tx_bytes'] / S:.2f}×S; "
