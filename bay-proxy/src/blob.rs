@@ -34,7 +34,7 @@ use crate::error::ProxyError;
 use crate::metrics::{Metrics, outcome, reason, source};
 use crate::range::ByteRange;
 use crate::swarm::{BlobRead, Handle, Swarm};
-use crate::trackers::{Trackers, TrackersError};
+use crate::trackers::{Fetched, Trackers, TrackersError};
 use crate::wake;
 
 const CHUNK: usize = 256 * 1024;
@@ -86,6 +86,13 @@ struct Download {
 }
 
 impl Download {
+    /// Bytes received so far, verified or not: grows while any peer is sending.
+    fn arrived(&self) -> u64 {
+        let st = self.handle.stats();
+        let fetched = st.live.as_ref().map_or(0, |l| l.snapshot.fetched_bytes);
+        st.progress_bytes.saturating_add(fetched)
+    }
+
     /// Whether a tracker's seed is connected: then a download that gets nothing is queued
     /// behind other leechers of a busy seed, not abandoned by a dead one.
     fn seed_connected(&self) -> bool {
@@ -317,15 +324,7 @@ impl Blobs {
                 if this.stop.is_cancelled() || this.held_or_running(&req.digest) {
                     continue;
                 }
-                let fetched = this
-                    .trackers
-                    .torrent(
-                        &req.registry,
-                        &req.name,
-                        &req.digest,
-                        req.authorization.as_ref(),
-                    )
-                    .await;
+                let fetched = this.torrent_for(req).await;
                 if let Err(e) = fetched {
                     // Refused or no tracker: the rest would fare the same.
                     tracing::debug!(digest = %req.digest, "no prefetch: {e}");
@@ -360,6 +359,18 @@ impl Blobs {
         });
     }
 
+    /// Asks the trackers for the blob's torrent as `req`'s client: they check its access.
+    async fn torrent_for(&self, req: &BlobRequest) -> Result<Fetched, TrackersError> {
+        self.trackers
+            .torrent(
+                &req.registry,
+                &req.name,
+                &req.digest,
+                req.authorization.as_ref(),
+            )
+            .await
+    }
+
     fn held_or_running(&self, digest: &Digest) -> bool {
         self.store.get(digest).is_some()
             || self
@@ -374,19 +385,10 @@ impl Blobs {
         if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
             return Ok(d.clone());
         }
-        let fetched = self
-            .trackers
-            .torrent(
-                &req.registry,
-                &req.name,
-                &req.digest,
-                req.authorization.as_ref(),
-            )
-            .await
-            .map_err(|e| match e {
-                TrackersError::Refused(r) => Start::Refused(r),
-                other => Start::Failed(other.to_string()),
-            })?;
+        let fetched = self.torrent_for(req).await.map_err(|e| match e {
+            TrackersError::Refused(r) => Start::Refused(r),
+            other => Start::Failed(other.to_string()),
+        })?;
         // Someone may have started it while we asked the tracker.
         if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
             return Ok(d.clone());
@@ -474,15 +476,7 @@ impl Blobs {
                 let (this, d2, req) = (self.clone(), d.clone(), req.clone());
                 tokio::spawn(async move {
                     tracing::warn!("swarm stalled, asking the trackers to seed the blob again");
-                    let r = this
-                        .trackers
-                        .torrent(
-                            &req.registry,
-                            &req.name,
-                            &req.digest,
-                            req.authorization.as_ref(),
-                        )
-                        .await;
+                    let r = this.torrent_for(&req).await;
                     if let Err(e) = r {
                         tracing::warn!("no tracker could seed the blob again: {e}");
                     }
@@ -1220,9 +1214,11 @@ impl VerifyingBody {
                             self.blobs.metrics.fallback(reason::SWARM_ERROR);
                         }
                         Err(_) => {
-                            let progress = download.handle.stats().progress_bytes;
+                            let progress = download.arrived();
                             if progress > *last_progress {
-                                // Pieces are arriving, just not ours yet.
+                                // Pieces are arriving, just not ours yet. Chunks count too: on a
+                                // busy swarm a piece can take seconds, and the supervisor still
+                                // gives up if none completes for `patience()`.
                                 *last_progress = progress;
                                 *waiting_since = None;
                                 continue;
