@@ -116,6 +116,21 @@ async fn metrics_follow_swarm_cache_and_fallback_pulls() {
             .unwrap()
             >= n
     );
+    // Each finished download is announced as `completed` right away (librqbit only says
+    // left=0 at its next announce), so trackers hand the proxy to newcomers as a seed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = Scrape::of(&tracker.url()).await.unwrap();
+        let completed = t.value(r#"bay_announce_requests_total{event="completed"}"#);
+        if completed >= n {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{completed} completed announces for {n} downloads"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(t.get("bay_cache_blobs").unwrap(), n);
     assert!(t.get("bay_seed_uploaded_bytes_total").unwrap() >= total as f64);
     assert_eq!(t.get("bay_cache_evictions_total").unwrap(), 0.0);

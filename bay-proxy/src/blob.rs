@@ -552,6 +552,13 @@ impl Blobs {
             .remove(d.torrent.digest());
         d.outcome.send_replace(Some(ok));
         if ok {
+            let done = self.swarm.completed_announce(&d.handle);
+            let trackers = self.trackers.clone();
+            tokio::spawn(async move {
+                trackers
+                    .announce_events(&[done], Duration::from_secs(5))
+                    .await
+            });
             tracing::info!(
                 size = d.torrent.size(),
                 elapsed_ms = started.elapsed().as_millis() as u64,

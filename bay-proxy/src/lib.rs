@@ -93,7 +93,7 @@ pub async fn run(
     blobs.wait_downloads(Duration::from_secs(2)).await;
     swarm.stop().await;
     let told = trackers
-        .announce_stopped(&leaving, Duration::from_secs(2))
+        .announce_events(&leaving, Duration::from_secs(2))
         .await;
     if let Err(e) = store.clear_tmp() {
         tracing::warn!("emptying {}: {e}", store.tmp_dir().display());

@@ -248,23 +248,31 @@ impl Swarm {
     /// one, and without it trackers keep handing out this node until its entry expires.
     pub fn stopped_announces(&self) -> Vec<AnnounceRequest> {
         self.session.with_torrents(|it| {
-            it.map(|(_, h)| {
-                let st = h.stats();
-                AnnounceRequest {
-                    info_hash: InfoHash(h.info_hash().0),
-                    peer_id: self.peer_id,
-                    port: self.peer_port,
-                    uploaded: st.uploaded_bytes,
-                    downloaded: st.progress_bytes,
-                    left: st.total_bytes.saturating_sub(st.progress_bytes),
-                    event: Some(Event::Stopped),
-                    compact: true,
-                    numwant: Some(0),
-                    ip: None,
-                }
-            })
-            .collect()
+            it.map(|(_, h)| self.announce_of(h, Event::Stopped))
+                .collect()
         })
+    }
+
+    /// A `completed` announce for a download that just finished: librqbit never sends one,
+    /// and until its next announce trackers would not hand this node to newcomers as a seed.
+    pub fn completed_announce(&self, handle: &Handle) -> AnnounceRequest {
+        self.announce_of(handle, Event::Completed)
+    }
+
+    fn announce_of(&self, h: &Handle, event: Event) -> AnnounceRequest {
+        let st = h.stats();
+        AnnounceRequest {
+            info_hash: InfoHash(h.info_hash().0),
+            peer_id: self.peer_id,
+            port: self.peer_port,
+            uploaded: st.uploaded_bytes,
+            downloaded: st.progress_bytes,
+            left: st.total_bytes.saturating_sub(st.progress_bytes),
+            event: Some(event),
+            compact: true,
+            numwant: Some(0),
+            ip: None,
+        }
     }
 }
 

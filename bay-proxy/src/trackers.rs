@@ -73,23 +73,29 @@ impl Trackers {
             .collect()
     }
 
-    /// Sends the `stopped` announces to every tracker, a few at a time, for at most
-    /// `deadline` in all: shutdown must not hang on a dead tracker.
-    pub async fn announce_stopped(
+    /// Sends event announces (`stopped` at shutdown, `completed`) to every tracker, a few at a
+    /// time, for at most `deadline` in all: shutdown must not hang on a dead tracker.
+    pub async fn announce_events(
         &self,
         requests: &[bay_common::announce::AnnounceRequest],
         deadline: Duration,
     ) -> usize {
         use futures::StreamExt as _;
-        let urls = self.announce_urls();
-        let sends = urls.iter().flat_map(|u| {
-            requests.iter().map(move |r| {
-                let url = format!("{u}?{}", r.to_query());
-                async move {
-                    let resp = self.client.get(url).timeout(deadline).send().await;
-                    resp.is_ok_and(|r| r.status().is_success())
-                }
+        let urls: Vec<String> = self
+            .announce_urls()
+            .iter()
+            .flat_map(|u| {
+                requests
+                    .iter()
+                    .map(move |r| format!("{u}?{}", r.to_query()))
             })
+            .collect();
+        let sends = urls.into_iter().map(|url| {
+            let client = self.client.clone();
+            async move {
+                let resp = client.get(url).timeout(deadline).send().await;
+                resp.is_ok_and(|r| r.status().is_success())
+            }
         });
         let mut done = 0;
         let all = futures::stream::iter(sends)
@@ -99,7 +105,7 @@ impl Trackers {
                 async {}
             });
         if tokio::time::timeout(deadline, all).await.is_err() {
-            tracing::warn!("trackers did not take every stopped announce within {deadline:?}");
+            tracing::warn!("trackers did not take every announce within {deadline:?}");
         }
         done
     }
