@@ -3,7 +3,7 @@
 //! Stock librqbit 9.1 does not make leechers that start together trade pieces
 //! (`notes/librqbit.md` §11). Three things restore it, all outside librqbit
 //! (`notes/librqbit-workaround.md`): the tracker's hand-out policy (see bay-tracker), a slice
-//! of each blob per node that this node reads ahead ([`Swarm::prioritise_slice`]), and waking
+//! of each blob per node that this node reads ahead ([`Swarm::prioritise`]), and waking
 //! librqbit's idle piece requesters ([`crate::wake`]). A small request window keeps a
 //! connection from reserving pieces that another peer will have a moment later.
 //!
