@@ -294,7 +294,7 @@ impl Blobs {
     ///   fetches the layers from upstream one at a time at the full speed of its link, and the
     ///   swarm starts on the first while the next is fetched (N=8, 40 Mbit/s: cold 2.71 →
     ///   1.99 T*).
-    /// - Each swarm download starts once the one before is [`PREFETCH_STAGGER`] done: a node
+    /// - Each swarm download starts once the one before is `PREFETCH_STAGGER` (half) done: a node
     ///   with every layer in flight at once has uneven piece times, and librqbit then takes
     ///   pieces over from "slow" peers and fetches them again (same setup, warm: 33 % → 19 %
     ///   of piece bytes fetched twice, 1.80 → 1.51 T*).

@@ -176,7 +176,7 @@ impl Swarm {
         self.rt.run(open_here(handle, offset)).await.map_err(err)?
     }
 
-    /// Starts [`Swarm::prioritise_slice`] on the session's runtime.
+    /// Starts `prioritise_slice` (below) on the session's runtime.
     pub fn prioritise(
         &self,
         handle: Handle,

@@ -133,7 +133,7 @@ impl Trackers {
     }
 
     /// Tracker indices in the order to ask for `digest`: rendezvous rank, with trackers that
-    /// failed in the last [`COOL_DOWN`] moved to the back.
+    /// failed in the last `COOL_DOWN` moved to the back.
     pub fn ranked(&self, digest: &Digest) -> Vec<usize> {
         let mut order = rendezvous(&self.urls, &digest.to_string());
         let now = Instant::now();
