@@ -948,7 +948,11 @@ async fn proxy_killed_mid_download_and_restarted() {
     let url = blob_url(&p.url(), &layer.digest);
     let counter = received.clone();
     let pulling = tokio::spawn(async move { pull(&url, Some(counter), PULL_TIMEOUT).await });
-    wait_bytes(&received, layer.size / 4, &pulling, PULL_TIMEOUT).await;
+    // Killed as soon as the body is flowing: the download takes about 6 s at the seed's
+    // 2 MB/s, but how much of it the client has seen by then varies from run to run (its
+    // stream shares the seed with the slice readers), so waiting for a fixed share of the
+    // body could outlast the download.
+    wait_bytes(&received, 256 << 10, &pulling, PULL_TIMEOUT).await;
     p.kill();
     let cut = pulling.await.unwrap();
     eprintln!("proxy killed mid-download: {}", cut.summary());
