@@ -1,6 +1,7 @@
 //! Faults, each an automated test (issue 8): a peer serving corrupted data, a peer killed
 //! mid-transfer, an upstream answering 500, hanging, cutting the connection or sending wrong
-//! bytes, a full cache directory, and a proxy killed mid-download and restarted.
+//! bytes, a full cache directory, a proxy killed mid-download and restarted, and a tracker
+//! whose copy of a blob went bad on disk.
 //!
 //! Every test checks the two promises that matter when something breaks: a client never
 //! receives a complete wrong blob, and nothing that failed its digest is cached. The real
@@ -1013,4 +1014,66 @@ async fn proxy_killed_mid_download_and_restarted() {
             .join(layer.digest.parse::<Digest>().unwrap().file_name())
             .exists()
     );
+}
+
+/// 6. The tracker's copy goes bad on disk after it was verified: the proxy's web seed checks
+/// every piece it reads from the tracker and offers librqbit none that fails, and the client
+/// still gets the blob whole and verified (from upstream, once the swarm stalls).
+#[tokio::test(flavor = "multi_thread")]
+async fn tracker_serving_corrupted_pieces() {
+    let _serial = serial().await;
+    let size = 4 << 20;
+    let c = cluster(&[size], 87, &[]).await;
+    let layer = c.image.layers[0].clone();
+    let digest: Digest = layer.digest.parse().unwrap();
+    let r = http_client()
+        .get(format!(
+            "{}/v1/torrents/{}/{REPO}/blobs/{}",
+            c.tracker.url(),
+            c.registry.authority(),
+            layer.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let held = c.tracker.data_dir().join("blobs").join(digest.file_name());
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&held)
+            .unwrap();
+        let at = 2 * PIECE + 5;
+        let mut byte = [0u8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut byte).unwrap();
+        byte[0] ^= 0xff;
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&byte).unwrap();
+        f.sync_all().unwrap();
+    }
+    let p = Proxy::start(
+        &[c.tracker.url()],
+        &c.registry.url(),
+        &["--stall-timeout", "2"],
+    )
+    .await
+    .unwrap();
+    let got = pull(&blob_url(&p.url(), &layer.digest), None, PULL_TIMEOUT).await;
+    eprintln!("pull through a tracker with a bad copy: {}", got.summary());
+    assert!(got.verified(&layer.digest), "{}", got.summary());
+    let log = p.log_text();
+    assert!(
+        log.contains("piece 2 does not match the torrent"),
+        "the proxy did not notice the tracker's bad piece"
+    );
+    assert!(
+        !log.contains("did not validate"),
+        "librqbit was offered a bad piece"
+    );
+    let s = p.stats().await.unwrap();
+    assert!(s["fallbacks"].as_u64().unwrap() >= 1, "{s}");
+    assert_blob_dir_verified(p.data_dir());
 }

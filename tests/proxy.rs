@@ -268,8 +268,10 @@ async fn pull_succeeds_through_fallback_when_the_tracker_is_dead() {
     assert_eq!(gets_before, gets_after);
 }
 
-/// Four proxies pull one 64 MiB blob at the same moment, every BitTorrent uploader limited to
-/// 16 MiB/s: the proxies must trade pieces, so the tracker's seed sends at most twice the blob.
+/// Four proxies pull one 64 MiB blob at the same moment, every uploader limited to 16 MiB/s:
+/// each proxy takes only its own slice from the tracker and the rest from the others, so the
+/// tracker sends each piece about once (its BitTorrent seed, asked for pieces in librqbit's
+/// order, sent up to twice the blob).
 #[tokio::test(flavor = "multi_thread")]
 async fn simultaneous_pulls_swarm() {
     let limit = ["--upload-limit", "16M"];
@@ -342,7 +344,7 @@ async fn simultaneous_pulls_swarm() {
         results.iter().map(|r| r.1).collect::<Vec<_>>()
     );
     assert!(from_peers > 0, "proxies exchanged nothing");
-    assert!(ratio <= 2.0, "seed uploaded {ratio:.2}x the blob");
+    assert!(ratio <= 1.25, "seed uploaded {ratio:.2}x the blob");
     assert_eq!(c.registry.blob_gets(&layer.digest), 1);
 }
 

@@ -378,3 +378,123 @@ async fn standard_clients_agree_on_the_info_hash() {
         "{transmission}"
     );
 }
+
+/// Compact peers in an announce answer (6 bytes each), found by the `5:peers` key.
+fn compact_peers(body: &[u8]) -> usize {
+    let at = body
+        .windows(7)
+        .position(|w| w == b"5:peers")
+        .expect("an announce answer lists peers")
+        + 7;
+    let digits: Vec<u8> = body[at..]
+        .iter()
+        .copied()
+        .take_while(u8::is_ascii_digit)
+        .collect();
+    String::from_utf8(digits).unwrap().parse::<usize>().unwrap() / 6
+}
+
+/// Held blobs' bytes by info hash, for proxies' web seeds: ranges as asked, clear errors for
+/// the rest; and bay-proxies (peer ids `-BY…`) are not handed the tracker's BitTorrent seed,
+/// which other clients still get.
+#[tokio::test(flavor = "multi_thread")]
+async fn pieces_by_info_hash_and_no_bittorrent_seed_for_bay_proxies() {
+    let (registry, image, tracker) = setup(&[1 << 20], &[]).await;
+    let layer = &image.layers[0];
+    let client = http_client();
+    let bytes = client
+        .get(torrent_url(&tracker, &registry, "test/img", &layer.digest))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let torrent = BlobTorrent::from_metainfo(&bytes).unwrap();
+    let blob = image.blob_bytes(&layer.digest).unwrap();
+    let url = format!(
+        "{}/v1/pieces/{}",
+        tracker.url(),
+        torrent.info_hash().to_hex()
+    );
+
+    let r = client
+        .get(&url)
+        .header("range", "bytes=262144-524287")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 262144-524287/{}", layer.size).as_str()
+    );
+    assert_eq!(&r.bytes().await.unwrap()[..], &blob[262_144..524_288]);
+    let r = client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(&r.bytes().await.unwrap()[..], &blob[..]);
+
+    let code = |v: serde_json::Value| v["errors"][0]["code"].as_str().unwrap().to_owned();
+    let r = client
+        .get(&url)
+        .header("range", format!("bytes={}-", layer.size))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(code(r.json().await.unwrap()), "RANGE_INVALID");
+    let r = client
+        .get(format!("{}/v1/pieces/{}", tracker.url(), "0".repeat(40)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(code(r.json().await.unwrap()), "BLOB_UNKNOWN");
+    let r = client
+        .get(format!("{}/v1/pieces/not-hex", tracker.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("NAME_INVALID") && body.contains("not-hex"),
+        "{body}"
+    );
+
+    let stats: serde_json::Value = client
+        .get(format!("{}/v1/stats", tracker.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        stats["piece_bytes_served"].as_u64().unwrap(),
+        262_144 + layer.size,
+        "{stats}"
+    );
+
+    let announce = |peer_id: &[u8; 20]| {
+        let req = bay_common::announce::AnnounceRequest {
+            info_hash: torrent.info_hash(),
+            peer_id: bay_common::announce::PeerId(*peer_id),
+            port: 40_000,
+            uploaded: 0,
+            downloaded: 0,
+            left: layer.size,
+            event: Some(bay_common::announce::Event::Started),
+            compact: true,
+            numwant: None,
+            ip: None,
+        };
+        client
+            .get(format!("{}/announce?{}", tracker.url(), req.to_query()))
+            .send()
+    };
+    let bay = announce(b"-BY0100-abcdefghijkl").await.unwrap();
+    assert_eq!(compact_peers(&bay.bytes().await.unwrap()), 0);
+    let other = announce(b"-AR1360-abcdefghijkl").await.unwrap();
+    assert_eq!(compact_peers(&other.bytes().await.unwrap()), 1);
+}

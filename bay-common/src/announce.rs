@@ -120,6 +120,12 @@ impl PeerId {
         rand::Rng::fill(&mut rand::rng(), &mut id[8..]);
         PeerId(id)
     }
+
+    /// Whether the id is a bay-proxy's ([`PeerId::generate`]): such a peer takes a tracker's
+    /// pieces over HTTP, so a tracker does not hand it its own BitTorrent seed.
+    pub fn is_bay(&self) -> bool {
+        self.0.starts_with(b"-BY")
+    }
 }
 
 impl fmt::Debug for PeerId {

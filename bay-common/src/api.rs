@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::announce::InfoHash;
 use crate::digest::Digest;
 use crate::reference::{Registry, RepositoryName};
 
@@ -12,9 +13,6 @@ use crate::reference::{Registry, RepositoryName};
 pub const TORRENT_CONTENT_TYPE: &str = "application/x-bittorrent";
 /// Header carrying the hex info hash next to a torrent, so proxies can log it without parsing.
 pub const INFO_HASH_HEADER: &str = "x-bay-info-hash";
-/// Header naming the tracker's own seed (`ip:port`) next to a torrent, so a proxy can tell
-/// that seed among its peers even when it is not at the tracker's HTTP address.
-pub const SEED_HEADER: &str = "x-bay-seed";
 
 /// A rejected value as error messages quote it: cut to `max_chars` characters, so a client
 /// cannot make bay echo megabytes back (or into its log).
@@ -33,6 +31,13 @@ pub fn torrent_path(registry: &Registry, name: &RepositoryName, digest: &Digest)
         name,
         digest
     )
+}
+
+/// Path of a held blob's bytes by info hash, relative to a tracker's base URL: what proxies
+/// fetch their pieces from (`Range: bytes=…`). Anyone who can download the torrent from the
+/// tracker's BitTorrent seed can read this too; it serves nothing else.
+pub fn pieces_path(info_hash: &InfoHash) -> String {
+    format!("/v1/pieces/{}", info_hash.to_hex())
 }
 
 /// Registry error codes (distribution-spec "Error Codes", plus distribution's extras).
@@ -106,6 +111,10 @@ pub struct Slot {
     pub index: u32,
     pub start: f64,
     pub end: f64,
+    /// Peers in the swarm that hold the whole blob (not counting trackers): a leecher then
+    /// gets its pieces from them rather than from the tracker.
+    #[serde(default)]
+    pub seeds: u32,
 }
 
 /// `GET /v1/stats` on the tracker.
@@ -118,7 +127,11 @@ pub struct TrackerStats {
     pub torrents_served: u64,
     pub swarms: u64,
     pub peers: u64,
+    /// Blob bytes the tracker sent peers, over BitTorrent and as pieces over HTTP.
     pub seed_uploaded_bytes: u64,
+    /// The part of `seed_uploaded_bytes` that proxies' web seeds read over HTTP.
+    #[serde(default)]
+    pub piece_bytes_served: u64,
     /// Blob bytes handed to proxies as torrents against bytes fetched upstream, per image.
     #[serde(default)]
     pub savings: SavingsReport,

@@ -111,6 +111,14 @@ impl Store {
         Some(e.torrent.clone())
     }
 
+    /// The torrent of a held blob by its info hash (not marking it used: peers reading
+    /// pieces are not clients asking for the blob).
+    pub fn by_info_hash(&self, info_hash: &InfoHash) -> Option<Arc<BlobTorrent>> {
+        let ix = self.index.lock().expect("store index poisoned");
+        let digest = ix.by_info_hash.get(info_hash)?;
+        ix.blobs.get(digest).map(|e| e.torrent.clone())
+    }
+
     pub fn holds(&self, info_hash: &InfoHash) -> bool {
         let ix = self.index.lock().expect("store index poisoned");
         ix.by_info_hash.contains_key(info_hash)

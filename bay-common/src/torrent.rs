@@ -95,6 +95,18 @@ impl BlobTorrent {
     pub fn piece_count(&self) -> usize {
         self.info.pieces.len() / 20
     }
+    /// The SHA-1 the torrent holds for piece `i`.
+    pub fn piece_hash(&self, i: usize) -> Option<[u8; 20]> {
+        let h = self.info.pieces.get(i * 20..i * 20 + 20)?;
+        Some(h.try_into().expect("20 bytes"))
+    }
+    /// Bytes of the blob in piece `i` (the last piece is usually shorter).
+    pub fn piece_size(&self, i: usize) -> u64 {
+        let start = i as u64 * self.info.piece_length;
+        self.info
+            .piece_length
+            .min(self.info.length.saturating_sub(start))
+    }
     /// The file name inside the torrent (and so on disk in a librqbit output folder).
     pub fn file_name(&self) -> &str {
         &self.info.name
@@ -264,6 +276,19 @@ mod tests {
             "1942112722e2649d66dbf58b8c26d2659b081038",
             "digest {digest}"
         );
+    }
+
+    #[test]
+    fn piece_sizes_and_hashes() {
+        use sha1::{Digest as _, Sha1};
+        let data = blob(700_001);
+        let t = BlobTorrent::from_bytes(Digest::sha256_of(&data), &data).unwrap();
+        let sizes: Vec<u64> = (0..t.piece_count()).map(|i| t.piece_size(i)).collect();
+        assert_eq!(sizes, vec![262_144, 262_144, 700_001 - 2 * 262_144]);
+        assert_eq!(t.piece_size(3), 0);
+        let last: [u8; 20] = Sha1::digest(&data[2 * 262_144..]).into();
+        assert_eq!(t.piece_hash(2), Some(last));
+        assert_eq!(t.piece_hash(3), None);
     }
 
     #[test]

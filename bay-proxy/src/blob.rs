@@ -7,7 +7,7 @@
 //! written; they are re-hashed on the way out only if they changed on disk since.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -32,10 +32,11 @@ use tracing::Instrument;
 
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, outcome, reason, source};
-use crate::range::ByteRange;
 use crate::swarm::{BlobRead, Handle, Swarm};
 use crate::trackers::{Fetched, Trackers, TrackersError};
 use crate::wake;
+use crate::webseed::{Plan, WebSeed};
+use bay_common::range::ByteRange;
 
 const CHUNK: usize = 256 * 1024;
 /// How often the idle requesters of a running download are woken. A peer's new piece waits
@@ -81,8 +82,8 @@ struct Download {
     /// Set when a client stream read the whole blob from the swarm and its digest matched:
     /// the file needs no second read before it is cached.
     stream_verified: std::sync::atomic::AtomicBool,
-    /// The trackers' addresses, to tell their seeds among the peers.
-    tracker_ips: Vec<IpAddr>,
+    /// The tracker's share: pieces over HTTP, offered to librqbit as a peer.
+    webseed: WebSeed,
 }
 
 impl Download {
@@ -93,17 +94,10 @@ impl Download {
         st.progress_bytes.saturating_add(fetched)
     }
 
-    /// Whether a tracker's seed is connected: then a download that gets nothing is queued
-    /// behind other leechers of a busy seed, not abandoned by a dead one.
-    fn seed_connected(&self) -> bool {
-        let Some(live) = self.handle.live() else {
-            return false;
-        };
-        let filter = serde_json::from_str(r#"{"state":"live"}"#).expect("valid filter");
-        live.per_peer_stats_snapshot(filter).peers.keys().any(|a| {
-            a.parse::<SocketAddr>()
-                .is_ok_and(|a| self.tracker_ips.contains(&a.ip()))
-        })
+    /// Whether a tracker that holds the blob is answering: then a download that gets nothing
+    /// is queued behind other nodes on a busy tracker link, not abandoned by a dead tracker.
+    fn seed_reachable(&self) -> bool {
+        self.webseed.has_source()
     }
 }
 
@@ -120,6 +114,10 @@ pub struct Blobs {
     pub metrics: Metrics,
     /// Stops the background work of downloads at shutdown.
     stop: CancellationToken,
+    /// One web seed at a time reads from the trackers. With every download of every node
+    /// reading at once, a tracker's link is shared so many ways that no node has a piece to
+    /// trade for seconds; in turns, each node's first pieces arrive N times sooner.
+    webseed_gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl Blobs {
@@ -142,6 +140,7 @@ impl Blobs {
             stamps: Mutex::default(),
             metrics: Metrics::default(),
             stop,
+            webseed_gate: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -404,13 +403,22 @@ impl Blobs {
             .map_err(|e| Start::Failed(e.to_string()))?;
         let torrent = Arc::new(fetched.torrent);
         let (outcome, _) = watch::channel(None);
+        let webseed = WebSeed::start(
+            torrent.clone(),
+            handle.clone(),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.swarm.peer_port())),
+            self.trackers.clone(),
+            self.trackers.piece_sources(&req.digest, &fetched.from),
+            self.webseed_gate.clone(),
+            self.stop.clone(),
+        );
         let download = Arc::new(Download {
             torrent,
             handle,
             outcome,
             recovering: Default::default(),
             stream_verified: Default::default(),
-            tracker_ips: self.trackers.ips(),
+            webseed,
         });
         {
             let mut map = self.downloads.lock().expect("poisoned");
@@ -421,31 +429,23 @@ impl Blobs {
         }
         let this = self.clone();
         let d = download.clone();
-        let trackers = download.tracker_ips.clone();
         let req = req.clone();
         let span_req = req.clone();
-        tokio::spawn(
-            async move { this.supervise(d, req, trackers).await }.instrument(
-                tracing::info_span!("download", digest = %span_req.digest, repo = %span_req.name),
-            ),
-        );
+        tokio::spawn(async move { this.supervise(d, req).await }.instrument(
+            tracing::info_span!("download", digest = %span_req.digest, repo = %span_req.name),
+        ));
         Ok(download)
     }
 
-    /// Drives a download to its end: prioritises this node's slice, wakes idle requesters,
-    /// gives up when the swarm stalls, and on completion verifies, caches and keeps seeding.
-    async fn supervise(
-        self: Arc<Self>,
-        d: Arc<Download>,
-        req: BlobRequest,
-        tracker_ips: Vec<IpAddr>,
-    ) {
+    /// Drives a download to its end: tells the web seed this node's slice, wakes idle
+    /// requesters, gives up when the swarm stalls, and on completion verifies, caches and keeps
+    /// seeding.
+    async fn supervise(self: Arc<Self>, d: Arc<Download>, req: BlobRequest) {
         let started = Instant::now();
         let ih = d.torrent.info_hash();
         let stop = self.stop.child_token();
         let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, self.swarm.peer_port()));
         let pieces = d.torrent.piece_count();
-        let mut slice: Option<(f64, f64, CancellationToken)> = None;
         let mut last_progress = (0u64, Instant::now());
         let mut last_recovery: Option<Instant> = None;
         let mut wake_tick = tokio::time::interval(WAKE_EVERY);
@@ -454,10 +454,21 @@ impl Blobs {
         let mut progress_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         let mut reported = (0u64, Instant::now());
+        let mut announced = false;
         let finished = loop {
             let stats = d.handle.stats();
             if stats.finished {
                 break true;
+            }
+            if !announced && stats.progress_bytes > 0 {
+                announced = true;
+                let now = self.swarm.progress_announce(&d.handle);
+                let trackers = self.trackers.clone();
+                tokio::spawn(async move {
+                    trackers
+                        .announce_events(&[now], Duration::from_secs(5))
+                        .await
+                });
             }
             if let Some(e) = &stats.error {
                 // librqbit stopped the torrent for good (e.g. it could not write a piece).
@@ -470,11 +481,12 @@ impl Blobs {
             if stats.progress_bytes > last_progress.0 {
                 last_progress = (stats.progress_bytes, Instant::now());
             } else if last_progress.1.elapsed() > self.stall_timeout / 2
+                && !d.webseed.has_source()
                 && last_recovery.is_none_or(|t: Instant| t.elapsed() > self.stall_timeout * 2)
             {
-                // Nobody is sending: the seed may be gone with its tracker. Asking the next
-                // tracker for the torrent makes it fetch and seed the blob (once, for every
-                // proxy), and our announces to it find that seed.
+                // Nobody is sending and no tracker serves the blob: the one that held it may
+                // be gone. Asking the next tracker for the torrent makes it fetch the blob
+                // (once, for every proxy), and the web seed reads from it from then on.
                 last_recovery = Some(Instant::now());
                 d.recovering.store(true, Ordering::Relaxed);
                 let (this, d2, req) = (self.clone(), d.clone(), req.clone());
@@ -513,24 +525,14 @@ impl Blobs {
                     );
                 }
                 _ = slot_tick.tick() => {
-                    if let Some(s) = self.trackers.slot(ih, self.swarm.peer_port()).await
-                        && slice.as_ref().is_none_or(|(a, b, _)| (*a, *b) != (s.start, s.end))
-                    {
-                        if let Some((_, _, old)) = slice.take() {
-                            old.cancel();
-                        }
-                        let token = stop.child_token();
-                        tracing::debug!(start = s.start, end = s.end, "prioritising slice");
-                        self.swarm.prioritise(d.handle.clone(), d.torrent.clone(), s.start, s.end, token.clone());
-                        slice = Some((s.start, s.end, token));
+                    if let Some(s) = self.trackers.slot(ih, self.swarm.peer_port()).await {
+                        d.webseed.set_plan(Plan::from_slot(&s, pieces as u32));
                     }
                 }
             }
         };
-        if let Some((_, _, t)) = slice {
-            t.cancel();
-        }
-        let (from_trackers, from_peers) = peer_bytes(&d.handle, &tracker_ips);
+        d.webseed.stop();
+        let (from_trackers, from_peers) = peer_bytes(&d.handle, &d.webseed);
         // Pieces librqbit took over from a slower peer and fetched again from the start.
         let steals = d
             .handle
@@ -569,6 +571,7 @@ impl Blobs {
                 from_peers,
                 from_trackers,
                 from_upstream = 0,
+                tracker_fetched = d.webseed.fetched(),
                 steals,
                 "blob downloaded from the swarm"
             );
@@ -858,8 +861,8 @@ enum Start {
     Failed(String),
 }
 
-/// (bytes from tracker seeds, bytes from other peers) of a torrent so far.
-fn peer_bytes(handle: &Handle, tracker_ips: &[IpAddr]) -> (u64, u64) {
+/// (bytes from the trackers, bytes from other peers) of a torrent so far.
+fn peer_bytes(handle: &Handle, webseed: &WebSeed) -> (u64, u64) {
     let Some(live) = handle.live() else {
         return (0, 0);
     };
@@ -867,8 +870,22 @@ fn peer_bytes(handle: &Handle, tracker_ips: &[IpAddr]) -> (u64, u64) {
     let snap = live.per_peer_stats_snapshot(all);
     let mut out = (0, 0);
     for (addr, s) in snap.peers {
-        let ip = addr.parse::<SocketAddr>().map(|a| a.ip()).ok();
-        if ip.is_some_and(|ip| tracker_ips.contains(&ip)) {
+        let c = &s.counters;
+        if c.fetched_bytes > 0 || c.times_i_stole > 0 || c.times_stolen_from_me > 0 {
+            tracing::debug!(
+                peer = %addr,
+                fetched = c.fetched_bytes,
+                pieces = c.downloaded_and_checked_pieces,
+                piece_ms = c.total_piece_download_ms / u64::from(c.downloaded_and_checked_pieces.max(1)),
+                stole = c.times_i_stole,
+                stolen = c.times_stolen_from_me,
+                "peer"
+            );
+        }
+        if addr
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| webseed.is_ours(&a))
+        {
             out.0 += s.counters.fetched_bytes;
         } else {
             out.1 += s.counters.fetched_bytes;
@@ -1244,9 +1261,9 @@ impl VerifyingBody {
                                     .checked_sub(self.blobs.stall_timeout)
                                     .unwrap_or_else(Instant::now)
                             });
-                            if since.elapsed() < self.blobs.patience() && download.seed_connected()
+                            if since.elapsed() < self.blobs.patience() && download.seed_reachable()
                             {
-                                // A seed that is connected but busy serves us in turn (many
+                                // A tracker that answers but is busy serves us in turn (many
                                 // nodes starting on a slow link); each node that went upstream
                                 // instead would cost the registry another copy.
                                 continue;

@@ -6,13 +6,14 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod passthrough;
+pub mod peer_wire;
 pub mod prefetch;
-pub mod range;
 pub mod route;
 pub mod routes;
 pub mod swarm;
 pub mod trackers;
 pub mod wake;
+pub mod webseed;
 
 use std::future::Future;
 use std::sync::Arc;

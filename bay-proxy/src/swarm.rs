@@ -3,9 +3,9 @@
 //! Stock librqbit 9.1 does not make leechers that start together trade pieces
 //! (`notes/librqbit.md` §11). Three things restore it, all outside librqbit
 //! (`notes/librqbit-workaround.md`): the tracker's hand-out policy (see bay-tracker), a slice
-//! of each blob per node that this node reads ahead ([`Swarm::prioritise`]), and waking
-//! librqbit's idle piece requesters ([`crate::wake`]). A small request window keeps a
-//! connection from reserving pieces that another peer will have a moment later.
+//! of each blob per node that this node alone takes from the tracker ([`crate::webseed`]),
+//! and waking librqbit's idle piece requesters ([`crate::wake`]). A small request window
+//! keeps a connection from reserving pieces that another peer will have a moment later.
 //!
 //! The session runs on a single-threaded runtime of its own ([`Dedicated`]), where librqbit
 //! does its disk I/O inline instead of through `block_in_place`; everything here that makes
@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bay_common::announce::{AnnounceRequest, Event, InfoHash, PeerId};
 use bay_common::runtime::Dedicated;
-use bay_common::torrent::BlobTorrent;
 use bytes::Bytes;
 use librqbit::api::TorrentIdOrHash;
 use librqbit::dht::Id20;
@@ -26,11 +25,8 @@ use librqbit::{
     AddTorrent, AddTorrentOptions, ConnectionOptions, ListenerMode, ListenerOptions,
     ManagedTorrent, PeerConnectionOptions, Session, SessionOptions,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt};
-use tokio_util::sync::CancellationToken;
+use tokio::io::{AsyncRead, AsyncSeek, AsyncSeekExt};
 
-/// Readers per node over its own slice; 4 front-loaded best in the measurements.
-const SLICE_READERS: u64 = 4;
 /// Chunks (16 KiB) in flight per connection: one 256 KiB piece.
 const REQUEST_WINDOW: usize = 16;
 
@@ -176,65 +172,6 @@ impl Swarm {
         self.rt.run(open_here(handle, offset)).await.map_err(err)?
     }
 
-    /// Starts `prioritise_slice` (below) on the session's runtime.
-    pub fn prioritise(
-        &self,
-        handle: Handle,
-        torrent: Arc<BlobTorrent>,
-        start: f64,
-        end: f64,
-        stop: CancellationToken,
-    ) {
-        self.rt
-            .spawn(Swarm::prioritise_slice(handle, torrent, start, end, stop));
-    }
-
-    /// Reads (and discards) this node's slice of the blob with a few readers, so librqbit
-    /// fetches those pieces first and has them to offer while other nodes fetch theirs.
-    /// Returns when the slice is read or `stop` fires.
-    async fn prioritise_slice(
-        handle: Handle,
-        torrent: Arc<BlobTorrent>,
-        start: f64,
-        end: f64,
-        stop: CancellationToken,
-    ) {
-        let size = torrent.size();
-        let piece = torrent.piece_length() as u64;
-        let align = |f: f64| (((f * size as f64) as u64) / piece * piece).min(size);
-        let (from, to) = (align(start), if end >= 1.0 { size } else { align(end) });
-        if to <= from {
-            return;
-        }
-        let step = (to - from).div_ceil(SLICE_READERS).div_ceil(piece) * piece;
-        let mut readers = tokio::task::JoinSet::new();
-        let mut at = from;
-        while at < to {
-            let (a, b) = (at, (at + step).min(to));
-            at = b;
-            let handle = handle.clone();
-            let stop = stop.clone();
-            readers.spawn(async move {
-                let Ok(mut s) = open_here(handle, a).await else {
-                    return;
-                };
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut pos = a;
-                while pos < b {
-                    let want = buf.len().min((b - pos) as usize);
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        r = s.read(&mut buf[..want]) => match r {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => pos += n as u64,
-                        },
-                    }
-                }
-            });
-        }
-        while readers.join_next().await.is_some() {}
-    }
-
     /// Stops the session, then its runtime.
     pub async fn stop(&self) {
         let session = self.session.clone();
@@ -248,7 +185,7 @@ impl Swarm {
     /// one, and without it trackers keep handing out this node until its entry expires.
     pub fn stopped_announces(&self) -> Vec<AnnounceRequest> {
         self.session.with_torrents(|it| {
-            it.map(|(_, h)| self.announce_of(h, Event::Stopped))
+            it.map(|(_, h)| self.announce_of(h, Some(Event::Stopped)))
                 .collect()
         })
     }
@@ -256,10 +193,17 @@ impl Swarm {
     /// A `completed` announce for a download that just finished: librqbit never sends one,
     /// and until its next announce trackers would not hand this node to newcomers as a seed.
     pub fn completed_announce(&self, handle: &Handle) -> AnnounceRequest {
-        self.announce_of(handle, Event::Completed)
+        self.announce_of(handle, Some(Event::Completed))
     }
 
-    fn announce_of(&self, h: &Handle, event: Event) -> AnnounceRequest {
+    /// A plain announce of where a download stands: sent when its first pieces arrive, so
+    /// trackers hand this node to other leechers at once rather than after librqbit's next
+    /// announce (leechers with nothing are handed to nobody, see bay-tracker's `announce`).
+    pub fn progress_announce(&self, handle: &Handle) -> AnnounceRequest {
+        self.announce_of(handle, None)
+    }
+
+    fn announce_of(&self, h: &Handle, event: Option<Event>) -> AnnounceRequest {
         let st = h.stats();
         AnnounceRequest {
             info_hash: InfoHash(h.info_hash().0),
@@ -268,7 +212,7 @@ impl Swarm {
             uploaded: st.uploaded_bytes,
             downloaded: st.progress_bytes,
             left: st.total_bytes.saturating_sub(st.progress_bytes),
-            event: Some(event),
+            event,
             compact: true,
             numwant: Some(0),
             ip: None,

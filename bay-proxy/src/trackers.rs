@@ -21,6 +21,8 @@ use sha2::{Digest as _, Sha256};
 const COOL_DOWN: Duration = Duration::from_secs(30);
 /// A torrent answer may take as long as the tracker needs to fetch the blob from upstream.
 const TORRENT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Longest a tracker may go without sending piece bytes while a range is being read.
+const PIECES_READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackersError {
@@ -36,8 +38,8 @@ pub struct Trackers {
     urls: Vec<url::Url>,
     failed_at: Mutex<Vec<Option<Instant>>>,
     client: reqwest::Client,
-    /// Seed addresses trackers named next to their torrents.
-    seed_ips: Mutex<std::collections::HashSet<std::net::IpAddr>>,
+    /// For piece ranges, which must keep flowing.
+    pieces_client: reqwest::Client,
 }
 
 /// A torrent as a tracker handed it out.
@@ -57,9 +59,17 @@ impl Trackers {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()?;
+        let pieces_client = reqwest::Client::builder()
+            .pool_max_idle_per_host(bay_common::upstream::IDLE_PER_HOST)
+            .pool_idle_timeout(bay_common::upstream::IDLE_TIMEOUT)
+            .connect_timeout(Duration::from_secs(3))
+            .read_timeout(PIECES_READ_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()?;
         Ok(Self {
+            pieces_client,
             failed_at: Mutex::new(vec![None; urls.len()]),
-            seed_ips: Mutex::default(),
             urls,
             client,
         })
@@ -108,28 +118,6 @@ impl Trackers {
             tracing::warn!("trackers did not take every announce within {deadline:?}");
         }
         done
-    }
-
-    /// The addresses of the trackers' seeds, to tell them from other proxies among a
-    /// download's peers: the IPs in the tracker URLs and those trackers named in
-    /// [`api::SEED_HEADER`] (a seed may listen elsewhere than the HTTP API). No DNS lookups:
-    /// this runs as each download starts.
-    pub fn ips(&self) -> Vec<std::net::IpAddr> {
-        let mut ips: Vec<std::net::IpAddr> = self
-            .urls
-            .iter()
-            .filter_map(|u| match u.host() {
-                Some(url::Host::Ipv4(ip)) => Some(ip.into()),
-                Some(url::Host::Ipv6(ip)) => Some(ip.into()),
-                _ => None,
-            })
-            .collect();
-        for ip in self.seed_ips.lock().expect("poisoned").iter() {
-            if !ips.contains(ip) {
-                ips.push(*ip);
-            }
-        }
-        ips
     }
 
     /// Tracker indices in the order to ask for `digest`: rendezvous rank, with trackers that
@@ -189,14 +177,6 @@ impl Trackers {
                 if !status.is_success() {
                     return Err(format!("{base} answered {status}"));
                 }
-                if let Some(seed) = resp
-                    .headers()
-                    .get(api::SEED_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<std::net::SocketAddr>().ok())
-                {
-                    self.seed_ips.lock().expect("poisoned").insert(seed.ip());
-                }
                 let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
                 let torrent = BlobTorrent::from_metainfo(&bytes).map_err(|e| e.to_string())?;
                 if torrent.digest() != digest {
@@ -226,6 +206,50 @@ impl Trackers {
             }
         }
         Err(TrackersError::AllFailed(last))
+    }
+
+    /// Bytes `start..=end` of a held blob from the tracker at `base` (see bay-tracker's
+    /// `pieces`): a response whose body is exactly that range, or why not.
+    pub async fn pieces(
+        &self,
+        base: &url::Url,
+        info_hash: InfoHash,
+        start: u64,
+        end: u64,
+    ) -> Result<reqwest::Response, String> {
+        let url = base
+            .join(api::pieces_path(&info_hash).trim_start_matches('/'))
+            .map_err(|e| e.to_string())?;
+        let resp = self
+            .pieces_client
+            .get(url)
+            .header(header::RANGE, format!("bytes={start}-{end}"))
+            .send()
+            .await
+            .map_err(|e| format!("{base}: {e}"))?;
+        let want = format!("bytes {start}-{end}/");
+        let range_ok = resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(&want));
+        if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT || !range_ok {
+            return Err(format!("{base} answered {} for {want}", resp.status()));
+        }
+        Ok(resp)
+    }
+
+    /// The tracker URLs to read a blob's pieces from, best first: `first` (which handed out the
+    /// torrent, so holds the blob), then the rest in rank order.
+    pub fn piece_sources(&self, digest: &Digest, first: &url::Url) -> Vec<url::Url> {
+        let mut out = vec![first.clone()];
+        out.extend(
+            self.ranked(digest)
+                .into_iter()
+                .map(|i| self.urls[i].clone())
+                .filter(|u| u != first),
+        );
+        out
     }
 
     /// This node's slice of a torrent to prioritise, from the first tracker that answers.

@@ -267,6 +267,18 @@ impl Swarms {
         })
     }
 
+    /// Live seeds of a torrent (peers that announced they hold it all).
+    pub fn seeds(&self, info_hash: &InfoHash, now: Instant) -> u32 {
+        let swarms = self.inner.lock().expect("swarms poisoned");
+        swarms.get(info_hash).map_or(0, |s| {
+            s.peers
+                .seeds
+                .iter()
+                .filter(|(_, p)| p.expires > now)
+                .count() as u32
+        })
+    }
+
     pub fn scrape(
         &self,
         hashes: &[InfoHash],
@@ -370,7 +382,12 @@ impl Slots {
             .map(|(i, _)| corput(*i))
             .filter(|p| *p > start)
             .fold(1.0, f64::min);
-        Ok(Slot { index, start, end })
+        Ok(Slot {
+            index,
+            start,
+            end,
+            seeds: 0,
+        })
     }
 
     pub fn expire(&self, now: Instant) {

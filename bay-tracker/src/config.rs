@@ -45,8 +45,9 @@ pub struct Config {
     #[arg(long, env = "BAY_ANNOUNCE_URL")]
     pub announce_url: Option<String>,
 
-    /// Most bytes per second the BitTorrent side uploads (K/M/G suffixes allowed), so a busy
-    /// swarm leaves room on the link for everything else. Default: unlimited.
+    /// Most bytes per second the seed uploads (K/M/G suffixes allowed), so a busy swarm leaves
+    /// room on the link for everything else: applies to the BitTorrent seed and, separately,
+    /// to the pieces proxies read over HTTP. Default: unlimited.
     #[arg(long, env = "BAY_UPLOAD_LIMIT", value_parser = parse_size)]
     pub upload_limit: Option<u64>,
 

@@ -45,6 +45,12 @@ pub enum TrackerError {
     UnknownPreheat(String),
     #[error("{0} preheats are running; try again when one has finished")]
     TooManyPreheats(usize),
+    #[error("info hash {0:?} is not 40 hex characters")]
+    BadInfoHash(String),
+    #[error("this tracker holds no blob with info hash {0}")]
+    UnknownTorrent(String),
+    #[error("range {0:?} does not fit a blob of {1} bytes")]
+    BadRange(String, u64),
 }
 
 impl From<UpstreamError> for TrackerError {
@@ -62,7 +68,9 @@ impl TrackerError {
             TrackerError::NotAllowed(_) => ErrorCode::Denied,
             TrackerError::BadDigest(_) => ErrorCode::DigestInvalid,
             TrackerError::BadName(_) | TrackerError::BadPath(_) => ErrorCode::NameInvalid,
-            TrackerError::BadReference(_) => ErrorCode::NameInvalid,
+            TrackerError::BadReference(_) | TrackerError::BadInfoHash(_) => ErrorCode::NameInvalid,
+            TrackerError::UnknownTorrent(_) => ErrorCode::BlobUnknown,
+            TrackerError::BadRange(..) => ErrorCode::RangeInvalid,
             TrackerError::UnknownPreheat(_) => ErrorCode::NameUnknown,
             TrackerError::TooManyPreheats(_) => ErrorCode::Toomanyrequests,
             TrackerError::Manifest(_) | TrackerError::Timeout(_) => ErrorCode::Unavailable,

@@ -7,6 +7,7 @@ pub mod error;
 pub mod fetch;
 pub mod limit;
 pub mod metrics;
+pub mod pieces;
 pub mod preheat;
 pub mod routes;
 pub mod seeder;
@@ -50,6 +51,11 @@ pub async fn run(
         limits,
     ));
     let preheats = Arc::new(preheat::Preheats::new(config.clone(), blobs.clone()));
+    let pieces = Arc::new(pieces::Pieces::new(
+        store.clone(),
+        config.upload_limit,
+        metrics.clone(),
+    ));
     let state = Arc::new(routes::AppState {
         config: config.clone(),
         blobs: blobs.clone(),
@@ -58,6 +64,7 @@ pub async fn run(
         metrics,
         ready: Default::default(),
         preheat: preheats.clone(),
+        pieces,
     });
     tracing::info!(
         http = %listener.local_addr()?,

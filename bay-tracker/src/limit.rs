@@ -1,7 +1,8 @@
-//! Limits on what the tracker takes from upstream: how many blob fetches run at once and how
-//! many bytes per second they share, so a cold pull of a big image by a whole fleet cannot
-//! fill the site's internet link. Proxies wait for their torrent meanwhile; they do not go
-//! upstream themselves.
+//! Byte-rate and concurrency limits: on what the tracker takes from upstream (how many blob
+//! fetches run at once and how many bytes per second they share, so a cold pull of a big image
+//! by a whole fleet cannot fill the site's internet link; proxies wait for their torrent
+//! meanwhile, they do not go upstream themselves), and on the pieces it serves proxies over
+//! HTTP (`--upload-limit`, as for its BitTorrent seed).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,13 +16,40 @@ const BURST: Duration = Duration::from_millis(100);
 
 pub struct UpstreamLimits {
     slots: Option<Semaphore>,
-    rate: Option<Rate>,
+    rate: Rate,
 }
 
-struct Rate {
-    bytes_per_sec: f64,
+/// A byte rate shared by everyone who takes from it; unlimited when built from None or 0.
+pub struct Rate {
+    bytes_per_sec: Option<f64>,
     /// When the bytes taken so far have been paid for at the rate.
     paid_until: Mutex<Instant>,
+}
+
+impl Rate {
+    pub fn new(bytes_per_sec: Option<u64>) -> Self {
+        Self {
+            bytes_per_sec: bytes_per_sec.filter(|r| *r > 0).map(|r| r as f64),
+            paid_until: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Accounts for `bytes` just moved, sleeping as long as the rate requires.
+    pub async fn take(&self, bytes: usize) {
+        let Some(rate) = self.bytes_per_sec else {
+            return;
+        };
+        let wake = {
+            let mut paid = self.paid_until.lock().expect("rate lock poisoned");
+            let now = Instant::now();
+            let start = (*paid).max(now.checked_sub(BURST).unwrap_or(now));
+            *paid = start + Duration::from_secs_f64(bytes as f64 / rate);
+            paid.checked_sub(BURST)
+        };
+        if let Some(wake) = wake {
+            tokio::time::sleep_until(wake).await;
+        }
+    }
 }
 
 impl UpstreamLimits {
@@ -29,10 +57,7 @@ impl UpstreamLimits {
     pub fn new(concurrency: usize, bytes_per_sec: Option<u64>) -> Self {
         Self {
             slots: (concurrency > 0).then(|| Semaphore::new(concurrency)),
-            rate: bytes_per_sec.filter(|r| *r > 0).map(|r| Rate {
-                bytes_per_sec: r as f64,
-                paid_until: Mutex::new(Instant::now()),
-            }),
+            rate: Rate::new(bytes_per_sec),
         }
     }
 
@@ -49,19 +74,7 @@ impl UpstreamLimits {
 
     /// Accounts for `bytes` just received, sleeping as long as the rate requires.
     pub async fn take(&self, bytes: usize) {
-        let Some(rate) = &self.rate else {
-            return;
-        };
-        let wake = {
-            let mut paid = rate.paid_until.lock().expect("rate lock poisoned");
-            let now = Instant::now();
-            let start = (*paid).max(now.checked_sub(BURST).unwrap_or(now));
-            *paid = start + Duration::from_secs_f64(bytes as f64 / rate.bytes_per_sec);
-            paid.checked_sub(BURST)
-        };
-        if let Some(wake) = wake {
-            tokio::time::sleep_until(wake).await;
-        }
+        self.rate.take(bytes).await
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Metrics {
     cache_bytes: Gauge,
     evictions: Counter,
     seed_uploaded: Counter,
+    /// Blob bytes proxies' web seeds read over HTTP.
+    pub piece_bytes: Counter,
     pub ledger: Ledger,
     /// (proxy, blob) pairs already counted as served, so a proxy asking again for the same
     /// torrent (its stall recovery) does not count the blob twice.
@@ -74,6 +76,7 @@ impl Default for Metrics {
         let cache_bytes = Gauge::default();
         let evictions = Counter::default();
         let seed_uploaded = Counter::default();
+        let piece_bytes = Counter::default();
         registry.register(
             "bay_upstream_fetches",
             "Blob fetches from upstream registries, by outcome (ok, failed)",
@@ -127,8 +130,13 @@ impl Default for Metrics {
         );
         registry.register(
             "bay_seed_uploaded_bytes",
-            "Bytes the tracker's seed uploaded to peers",
+            "Bytes the tracker's BitTorrent seed uploaded to peers",
             seed_uploaded.clone(),
+        );
+        registry.register(
+            "bay_piece_bytes_served",
+            "Blob bytes served to proxies' web seeds over HTTP (GET /v1/pieces/...)",
+            piece_bytes.clone(),
         );
         Self {
             registry,
@@ -145,6 +153,7 @@ impl Default for Metrics {
             cache_bytes,
             evictions,
             seed_uploaded,
+            piece_bytes,
             ledger: Ledger::default(),
             handed_out: Mutex::default(),
         }

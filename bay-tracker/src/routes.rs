@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bay_common::announce::{self, AnnounceRequest};
-use bay_common::api::{INFO_HASH_HEADER, SEED_HEADER, TORRENT_CONTENT_TYPE, TrackerStats};
+use bay_common::api::{INFO_HASH_HEADER, TORRENT_CONTENT_TYPE, TrackerStats};
 use bay_common::metrics::Outcome;
 use bay_common::upstream::Credentials;
 use bay_common::{Digest, RepositoryName};
@@ -33,6 +33,7 @@ pub struct AppState {
     /// Set once blobs left by an earlier run are verified and seeded again.
     pub ready: AtomicBool,
     pub preheat: Arc<crate::preheat::Preheats>,
+    pub pieces: Arc<crate::pieces::Pieces>,
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
@@ -41,6 +42,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/announce", get(announce))
         .route("/scrape", get(scrape))
         .route("/v1/slots/{info_hash}", get(slot))
+        .route("/v1/pieces/{info_hash}", get(pieces))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -135,11 +137,6 @@ async fn torrent_inner(
                 header::HeaderName::from_static(INFO_HASH_HEADER),
                 HeaderValue::from_str(&torrent.info_hash().to_hex()).expect("hex is ascii"),
             ),
-            (
-                header::HeaderName::from_static(SEED_HEADER),
-                HeaderValue::from_str(&own_seed(state, conn.local).to_string())
-                    .expect("addresses are ascii"),
-            ),
         ],
         body,
     )
@@ -216,7 +213,9 @@ async fn announce(
         .announces
         .get_or_create(&Event { event })
         .inc();
-    let held = state.blobs.store.holds(&req.info_hash);
+    // bay-proxies take the tracker's pieces over HTTP (`crate::pieces`), in an order they
+    // choose; handed the BitTorrent seed too, librqbit would ask it for everything in turn.
+    let held = state.blobs.store.holds(&req.info_hash) && !req.peer_id.is_bay();
     let own_seed = held.then(|| own_seed(&state, conn.local));
     let peer = peer_addr(conn.remote, req.port);
     match state.swarms.announce(&req, peer, own_seed, Instant::now()) {
@@ -260,16 +259,29 @@ async fn slot(
     if q.port == 0 {
         return bad("port must be 1-65535".into());
     }
-    match state
-        .slots
-        .slot(ih, peer_addr(conn.remote, q.port), Instant::now())
-    {
-        Ok(s) => axum::Json(s).into_response(),
+    let now = Instant::now();
+    match state.slots.slot(ih, peer_addr(conn.remote, q.port), now) {
+        Ok(mut s) => {
+            s.seeds = state.swarms.seeds(&ih, now);
+            axum::Json(s).into_response()
+        }
         Err(e) => crate::error::json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             bay_common::api::ErrorCode::Unavailable,
             e.to_string(),
         ),
+    }
+}
+
+async fn pieces(
+    State(state): State<Arc<AppState>>,
+    Path(info_hash): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    match state.pieces.get(&info_hash, range).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -288,7 +300,8 @@ async fn stats(State(state): State<Arc<AppState>>) -> Response {
             .map_or(0, |c| c.get()),
         swarms,
         peers,
-        seed_uploaded_bytes: state.blobs.seeder.uploaded_bytes(),
+        seed_uploaded_bytes: state.blobs.seeder.uploaded_bytes() + m.piece_bytes.get(),
+        piece_bytes_served: m.piece_bytes.get(),
         savings: m.ledger.report(),
     })
     .into_response()

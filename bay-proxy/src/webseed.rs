@@ -1,0 +1,781 @@
+//! A web seed for this node's librqbit: pieces of a blob fetched over HTTP from a tracker that
+//! holds it (bay-tracker's `GET /v1/pieces/<info hash>`), offered to librqbit by a peer of our
+//! own on its peer port.
+//!
+//! Which pieces come from the tracker is decided here, not by librqbit. librqbit asks a seed
+//! for whatever comes next in its own order, so with the tracker's BitTorrent seed every node
+//! of a simultaneous pull took most pieces from it: the seed sent each blob 1.4–2.2 times, and
+//! the pull ended when it was done (`bench/RESULTS.md`). Here each node fetches its own slice
+//! of the blob (the tracker's slot table gives leechers distinct slices), which its peers then
+//! get from it, and beyond that only what the swarm fails to deliver. librqbit 9.1 has neither
+//! web seeds (BEP 19) nor super-seeding (BEP 16), which would do this together.
+//!
+//! The peer claims only pieces it holds in memory, so librqbit asks it for exactly those; it
+//! learns what librqbit has from librqbit's BITFIELD and HAVE messages, and never fetches a
+//! piece librqbit already has. Each piece is checked against the torrent's SHA-1 before it is
+//! offered (librqbit checks again), so a tracker sending bad bytes is caught at the first one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bay_common::api::Slot;
+use bay_common::torrent::BlobTorrent;
+use bytes::{Bytes, BytesMut};
+use sha1::{Digest as _, Sha1};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::peer_wire::{self, Block, Message};
+use crate::swarm::Handle;
+use crate::trackers::Trackers;
+
+/// Longest run of pieces asked for in one HTTP request. A run is cut short as soon as its next
+/// piece is no longer wanted (the slice shrank, or librqbit got it elsewhere), which wastes
+/// what the connection had buffered: short runs keep that small.
+const RUN_BYTES: u64 = 1 << 20;
+/// Fetched pieces waiting in memory for librqbit to take them; past this the fetcher waits.
+const MAX_HELD_BYTES: u64 = 8 << 20;
+/// A held piece librqbit has not asked for in this long got it elsewhere: it is dropped (and
+/// fetched again should librqbit still ask for it).
+const HELD_TTL: Duration = Duration::from_secs(30);
+/// Shortest time the swarm may send nothing at all before this node fetches what it lacks
+/// itself. It waits longer while the tracker is slow to send pieces (see [`fill_after`]).
+const MIN_FILL_AFTER: Duration = Duration::from_secs(2);
+/// ... namely this many times as long as a piece from the tracker takes.
+const FILL_AFTER_PIECES: u32 = 3;
+
+/// How long the swarm may send nothing before this node fetches what it lacks from the
+/// tracker. While every node still reads its own slice from the tracker, peers have little to
+/// give, and a node that finished its slice early sees them silent: as long as the tracker
+/// takes for a few pieces, they are still reading theirs.
+fn fill_after(piece_time: Duration) -> Duration {
+    (piece_time * FILL_AFTER_PIECES).max(MIN_FILL_AFTER)
+}
+/// librqbit drops a peer that is silent for 10 s.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(4);
+/// Pause before trying the trackers again, or reconnecting to librqbit.
+const RETRY: Duration = Duration::from_millis(500);
+/// Largest block librqbit may ask for (it asks for 16 KiB).
+const MAX_BLOCK: u32 = 128 * 1024;
+/// Largest message accepted from librqbit: a BITFIELD of the most pieces a torrent can have.
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// Which pieces this node fetches from the tracker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// Pieces `[first, end)`: this node's slice.
+    pub slice: (u32, u32),
+    /// Other peers hold the whole blob: even the slice is fetched only when the swarm stalls.
+    pub seeded: bool,
+}
+
+impl Plan {
+    /// The slice a tracker's slot names, in whole pieces.
+    pub fn from_slot(slot: &Slot, pieces: u32) -> Plan {
+        let at = |f: f64| ((f.clamp(0.0, 1.0) * pieces as f64) as u32).min(pieces);
+        let end = if slot.end >= 1.0 {
+            pieces
+        } else {
+            at(slot.end)
+        };
+        Plan {
+            slice: (at(slot.start), end.max(at(slot.start))),
+            seeded: slot.seeds > 0,
+        }
+    }
+}
+
+pub struct WebSeed {
+    inner: Arc<Inner>,
+    stop: CancellationToken,
+}
+
+struct Inner {
+    torrent: Arc<BlobTorrent>,
+    handle: Handle,
+    /// This node's librqbit.
+    peer: SocketAddr,
+    trackers: Arc<Trackers>,
+    sources: Vec<url::Url>,
+    /// Shared by the node's web seeds: one reads from a tracker at a time.
+    gate: Arc<Semaphore>,
+    state: Mutex<State>,
+    /// Pieces were fetched or asked for again: for the connection to librqbit.
+    new_pieces: Notify,
+    /// librqbit took or got pieces: for the fetcher.
+    taken: Notify,
+    plan: watch::Sender<Plan>,
+    /// Piece bytes handed to librqbit.
+    served: AtomicU64,
+    /// Piece bytes read from trackers (more than `served` by what librqbit got elsewhere).
+    read: AtomicU64,
+    /// Whether a tracker sent good pieces since reading from every tracker last failed.
+    source_ok: AtomicBool,
+    /// Set once a plan came: until then a quiet swarm is not yet a stalled one.
+    planned: AtomicBool,
+    /// How long a piece from the tracker takes lately (a moving average).
+    piece_time: Mutex<Duration>,
+    /// Our connections' addresses, as librqbit names us among its peers.
+    addrs: Mutex<Vec<SocketAddr>>,
+}
+
+/// What the fetcher and the connection to librqbit share.
+struct State {
+    /// librqbit has the piece: its BITFIELD, its HAVEs, or every block handed to it by us.
+    local: Vec<bool>,
+    /// We told librqbit we have it.
+    offered: Vec<bool>,
+    held: BTreeMap<u32, Held>,
+    held_bytes: u64,
+    /// Offered pieces librqbit asked for after we dropped them.
+    wanted_again: BTreeSet<u32>,
+    /// Requests waiting for those.
+    pending: Vec<Block>,
+    /// Offered pieces whose HAVE the current connection has not sent yet.
+    unannounced: Vec<u32>,
+    /// Where a fill starts when this node has no slice (chosen at random, so nodes without
+    /// one do not all fill the same pieces).
+    fill_from: u32,
+}
+
+struct Held {
+    data: Bytes,
+    /// Blocks (by offset) librqbit has been sent.
+    sent: BTreeMap<u32, u32>,
+    since: Instant,
+}
+
+impl State {
+    fn new(pieces: usize) -> Self {
+        Self {
+            local: vec![false; pieces],
+            offered: vec![false; pieces],
+            held: BTreeMap::new(),
+            held_bytes: 0,
+            wanted_again: BTreeSet::new(),
+            pending: Vec::new(),
+            unannounced: Vec::new(),
+            fill_from: rand::random_range(0..pieces.max(1) as u32),
+        }
+    }
+
+    fn missing(&self, p: u32) -> bool {
+        !self.local[p as usize] && !self.offered[p as usize]
+    }
+
+    /// The next pieces to fetch: those librqbit asked for again first, then this node's slice
+    /// (unless seeds have the blob and the swarm is moving), then, once the swarm has
+    /// sent nothing for a while ([`fill_after`]), whatever is still missing, from the slice's end
+    /// on. At most `max` consecutive pieces.
+    fn next_run(&self, plan: &Plan, stalled: bool, max: u32) -> Option<Range<u32>> {
+        let pieces = self.local.len() as u32;
+        if let Some(&p) = self.wanted_again.iter().next() {
+            return Some(p..p + 1);
+        }
+        let run_from = |first: u32, limit: u32| {
+            let mut end = first + 1;
+            while end < limit && end - first < max && self.missing(end) {
+                end += 1;
+            }
+            first..end
+        };
+        let (a, b) = plan.slice;
+        if (!plan.seeded || stalled)
+            && let Some(first) = (a..b.min(pieces)).find(|p| self.missing(*p))
+        {
+            return Some(run_from(first, b.min(pieces)));
+        }
+        if !stalled {
+            return None;
+        }
+        let from = if b > a { b } else { self.fill_from };
+        (0..pieces)
+            .map(|i| (from + i) % pieces)
+            .find(|p| self.missing(*p))
+            .map(|first| run_from(first, pieces))
+    }
+
+    /// Drops held pieces librqbit has not asked for in [`HELD_TTL`].
+    fn expire(&mut self, now: Instant) {
+        let old: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, h)| now.duration_since(h.since) > HELD_TTL)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in old {
+            if let Some(h) = self.held.remove(&p) {
+                self.held_bytes -= h.data.len() as u64;
+            }
+        }
+    }
+
+    /// librqbit has piece `p` now.
+    fn got(&mut self, p: u32) {
+        let Some(l) = self.local.get_mut(p as usize) else {
+            return;
+        };
+        *l = true;
+        self.wanted_again.remove(&p);
+        if let Some(h) = self.held.remove(&p) {
+            self.held_bytes -= h.data.len() as u64;
+        }
+    }
+
+    /// Takes the bytes of `block` for librqbit if we hold them; marks the piece as librqbit's
+    /// once every byte of it went out. None for a block we do not hold.
+    fn take_block(&mut self, block: Block) -> Option<Bytes> {
+        let h = self.held.get_mut(&block.index)?;
+        let (begin, len) = (block.begin as usize, block.length as usize);
+        if block.length == 0 || block.length > MAX_BLOCK || begin + len > h.data.len() {
+            return None;
+        }
+        let bytes = h.data.slice(begin..begin + len);
+        h.sent.insert(block.begin, block.length);
+        let covered: u64 = h.sent.values().map(|l| *l as u64).sum();
+        if covered >= h.data.len() as u64 {
+            self.got(block.index);
+        }
+        Some(bytes)
+    }
+}
+
+impl WebSeed {
+    /// Starts fetching per [`WebSeed::set_plan`] and serving librqbit at `peer`, until `stop`
+    /// or [`WebSeed::stop`].
+    pub fn start(
+        torrent: Arc<BlobTorrent>,
+        handle: Handle,
+        peer: SocketAddr,
+        trackers: Arc<Trackers>,
+        sources: Vec<url::Url>,
+        gate: Arc<Semaphore>,
+        stop: CancellationToken,
+    ) -> WebSeed {
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State::new(torrent.piece_count())),
+            torrent,
+            handle,
+            peer,
+            trackers,
+            sources,
+            gate,
+            new_pieces: Notify::new(),
+            taken: Notify::new(),
+            plan: watch::Sender::new(Plan::default()),
+            served: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            source_ok: AtomicBool::new(true),
+            planned: AtomicBool::new(false),
+            piece_time: Mutex::new(Duration::ZERO),
+            addrs: Mutex::default(),
+        });
+        let stop = stop.child_token();
+        let span = tracing::Span::current();
+        tokio::spawn(
+            inner
+                .clone()
+                .fetch_loop(stop.clone())
+                .instrument(tracing::debug_span!(parent: &span, "webseed_fetch")),
+        );
+        tokio::spawn(
+            inner
+                .clone()
+                .peer_loop(stop.clone())
+                .instrument(tracing::debug_span!(parent: &span, "webseed_peer")),
+        );
+        WebSeed { inner, stop }
+    }
+
+    /// Ends both tasks: the download finished or was given up.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn set_plan(&self, plan: Plan) {
+        self.inner.planned.store(true, Ordering::Relaxed);
+        self.inner.plan.send_if_modified(|p| {
+            let changed = *p != plan;
+            *p = plan;
+            changed
+        });
+    }
+
+    /// Piece bytes handed to librqbit so far.
+    pub fn served(&self) -> u64 {
+        self.inner.served.load(Ordering::Relaxed)
+    }
+
+    /// Piece bytes read from trackers so far.
+    pub fn fetched(&self) -> u64 {
+        self.inner.read.load(Ordering::Relaxed)
+    }
+
+    /// Whether a tracker is sending good pieces (or nothing has failed yet).
+    pub fn has_source(&self) -> bool {
+        self.inner.source_ok.load(Ordering::Relaxed)
+    }
+
+    /// Whether `addr` is one of our connections as librqbit sees it.
+    pub fn is_ours(&self, addr: &SocketAddr) -> bool {
+        self.inner.addrs.lock().expect("poisoned").contains(addr)
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("web seed state poisoned")
+    }
+
+    /// Bytes peers other than us have sent librqbit, whole pieces or not: on a busy swarm a
+    /// piece can take seconds, and chunks arriving mean the swarm is moving.
+    fn swarm_progress(&self) -> u64 {
+        let received = self
+            .handle
+            .stats()
+            .live
+            .map_or(0, |l| l.snapshot.fetched_bytes);
+        received.saturating_sub(self.served.load(Ordering::Relaxed))
+    }
+
+    async fn fetch_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut plan_rx = self.plan.subscribe();
+        let pl = self.torrent.piece_length() as u64;
+        let max = (RUN_BYTES / pl).max(1) as u32;
+        let started = Instant::now();
+        let mut last = (self.swarm_progress(), started);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let progress = self.swarm_progress();
+            if progress != last.0 {
+                last = (progress, Instant::now());
+            }
+            // Without a slot (the tracker's slot table did not answer) this node fills anyway,
+            // only later.
+            let patience = fill_after(*self.piece_time.lock().expect("poisoned"));
+            let planned = self.planned.load(Ordering::Relaxed) || started.elapsed() >= 2 * patience;
+            let stalled = planned && last.1.elapsed() >= patience;
+            let plan = *plan_rx.borrow_and_update();
+            let run = {
+                let mut st = self.lock();
+                st.expire(Instant::now());
+                if st.held_bytes >= MAX_HELD_BYTES {
+                    None
+                } else {
+                    st.next_run(&plan, stalled, max)
+                }
+            };
+            let Some(run) = run else {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = plan_rx.changed() => {}
+                    _ = self.taken.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                continue;
+            };
+            if !self.fetch_run(run, &plan_rx, &stop).await {
+                self.source_ok.store(false, Ordering::Relaxed);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    }
+
+    /// Reads `run` from the first source that has it. False if none did.
+    async fn fetch_run(
+        &self,
+        run: Range<u32>,
+        plan: &watch::Receiver<Plan>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let t = &self.torrent;
+        let pl = t.piece_length() as u64;
+        let start = run.start as u64 * pl;
+        let end = (run.end as u64 * pl).min(t.size()) - 1;
+        let _turn = tokio::select! {
+            _ = stop.cancelled() => return true,
+            p = self.gate.acquire() => p.expect("never closed"),
+        };
+        for base in &self.sources {
+            let resp = match self.trackers.pieces(base, t.info_hash(), start, end).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!("no pieces from {base}: {e}");
+                    continue;
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return true,
+                r = self.read_run(resp, run.clone(), plan) => match r {
+                    Ok(()) => return true,
+                    Err(e) => tracing::warn!(tracker = %base, "reading pieces failed: {e}"),
+                },
+            }
+        }
+        false
+    }
+
+    /// Cuts a range response into pieces and offers each once its SHA-1 matched; stops early
+    /// when the next piece is no longer wanted.
+    async fn read_run(
+        &self,
+        mut resp: reqwest::Response,
+        run: Range<u32>,
+        plan: &watch::Receiver<Plan>,
+    ) -> Result<(), String> {
+        let t = &self.torrent;
+        let mut piece = run.start;
+        let mut buf = BytesMut::with_capacity(t.piece_size(piece as usize) as usize);
+        let mut since = Instant::now();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+            self.read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let size = t.piece_size(piece as usize) as usize;
+                let take = (size - buf.len()).min(rest.len());
+                buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if buf.len() < size {
+                    continue;
+                }
+                let sha: [u8; 20] = Sha1::digest(&buf).into();
+                if Some(sha) != t.piece_hash(piece as usize) {
+                    return Err(format!("piece {piece} does not match the torrent"));
+                }
+                self.source_ok.store(true, Ordering::Relaxed);
+                tracing::debug!(piece, "piece read from the tracker");
+                {
+                    let mut avg = self.piece_time.lock().expect("poisoned");
+                    *avg = (*avg * 2 + since.elapsed()) / 3;
+                }
+                since = Instant::now();
+                self.offer(piece, buf.split().freeze());
+                piece += 1;
+                // A run in the slice stays in it (the slice shrinks as leechers arrive); a fill
+                // goes on while the pieces are missing.
+                let wanted = piece < run.end && {
+                    let p = plan.borrow();
+                    let in_slice = |x: u32| (p.slice.0..p.slice.1).contains(&x);
+                    self.lock().missing(piece) && (!in_slice(run.start) || in_slice(piece))
+                };
+                if !wanted {
+                    return Ok(());
+                }
+                buf.reserve(t.piece_size(piece as usize) as usize);
+            }
+        }
+        if piece < run.end {
+            return Err(format!("the range ended at piece {piece} of {run:?}"));
+        }
+        Ok(())
+    }
+
+    fn offer(&self, piece: u32, data: Bytes) {
+        {
+            let mut st = self.lock();
+            let i = piece as usize;
+            if st.local[i] {
+                return; // librqbit got it meanwhile
+            }
+            st.wanted_again.remove(&piece);
+            st.held_bytes += data.len() as u64;
+            if let Some(old) = st.held.insert(
+                piece,
+                Held {
+                    data,
+                    sent: BTreeMap::new(),
+                    since: Instant::now(),
+                },
+            ) {
+                st.held_bytes -= old.data.len() as u64;
+            }
+            if !st.offered[i] {
+                st.offered[i] = true;
+                st.unannounced.push(piece);
+            }
+        }
+        self.new_pieces.notify_one();
+    }
+
+    async fn peer_loop(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            if let Err(e) = self.session(&stop).await {
+                tracing::debug!("web seed connection to librqbit ended: {e}");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+        }
+    }
+
+    /// One connection to librqbit: claims what we hold, then announces and serves pieces.
+    async fn session(&self, stop: &CancellationToken) -> std::io::Result<()> {
+        let t = &self.torrent;
+        let s = peer_wire::connect(self.peer, t.info_hash(), b"-BYSEED-").await?;
+        self.addrs.lock().expect("poisoned").push(s.local_addr()?);
+        let (mut r, w) = s.into_split();
+        let mut w = BufWriter::with_capacity(64 * 1024, w);
+        // Reading in a task of its own: a message half read must not be lost to the select.
+        let (tx, mut rx) = mpsc::channel(64);
+        let reader = tokio::spawn(async move {
+            loop {
+                let m = peer_wire::read_message(&mut r, MAX_MESSAGE).await;
+                let end = m.is_err();
+                if tx.send(m).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let _reader = AbortOnDrop(reader);
+        let offered = {
+            let mut st = self.lock();
+            st.unannounced.clear();
+            st.offered.clone()
+        };
+        w.write_all(&peer_wire::bitfield(&offered)).await?;
+        w.write_all(&peer_wire::UNCHOKE).await?;
+        w.flush().await?;
+        let mut keep_alive = tokio::time::interval(KEEP_ALIVE_EVERY);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                m = rx.recv() => {
+                    let m = m.ok_or_else(|| std::io::Error::other("reader gone"))??;
+                    self.on_message(m, &mut w).await?;
+                }
+                _ = self.new_pieces.notified() => {
+                    let (haves, ready) = {
+                        let mut st = self.lock();
+                        let haves = std::mem::take(&mut st.unannounced);
+                        let pending = std::mem::take(&mut st.pending);
+                        let (ready, waiting): (Vec<Block>, Vec<Block>) =
+                            pending.into_iter().partition(|b| st.held.contains_key(&b.index));
+                        st.pending = waiting;
+                        (haves, ready)
+                    };
+                    for p in haves {
+                        w.write_all(&peer_wire::have(p)).await?;
+                    }
+                    for b in ready {
+                        self.serve(b, &mut w).await?;
+                    }
+                }
+                _ = keep_alive.tick() => w.write_all(&peer_wire::KEEP_ALIVE).await?,
+            }
+            w.flush().await?;
+        }
+    }
+
+    async fn on_message(
+        &self,
+        m: Message,
+        w: &mut (impl AsyncWriteExt + Unpin),
+    ) -> std::io::Result<()> {
+        match m {
+            Message::Bitfield(bits) => {
+                let mut st = self.lock();
+                for p in 0..st.local.len() {
+                    if peer_wire::has_piece(&bits, p) {
+                        st.got(p as u32);
+                    }
+                }
+                drop(st);
+                self.taken.notify_one();
+            }
+            Message::Have(p) => {
+                self.lock().got(p);
+                self.taken.notify_one();
+            }
+            Message::Request(b) => self.serve(b, w).await?,
+            Message::Cancel(b) => self.lock().pending.retain(|p| *p != b),
+            Message::KeepAlive | Message::Other(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Sends `block` if we hold it; if we offered it but dropped it since, fetches it again.
+    async fn serve(&self, b: Block, w: &mut (impl AsyncWriteExt + Unpin)) -> std::io::Result<()> {
+        let bytes = {
+            let mut st = self.lock();
+            match st.take_block(b) {
+                Some(bytes) => Some(bytes),
+                None => {
+                    let i = b.index as usize;
+                    if st.offered.get(i) == Some(&true) && !st.held.contains_key(&b.index) {
+                        st.wanted_again.insert(b.index);
+                        st.pending.push(b);
+                        drop(st);
+                        self.taken.notify_one();
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(bytes) = bytes {
+            w.write_all(&peer_wire::piece_header(b.index, b.begin, b.length))
+                .await?;
+            w.write_all(&bytes).await?;
+            self.served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.taken.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WebSeed {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pieces: usize) -> State {
+        let mut s = State::new(pieces);
+        s.fill_from = 0;
+        s
+    }
+
+    fn plan(a: u32, b: u32, seeded: bool) -> Plan {
+        Plan {
+            slice: (a, b),
+            seeded,
+        }
+    }
+
+    #[test]
+    fn plans_from_slots() {
+        let slot = |start, end, seeds| Slot {
+            index: 0,
+            start,
+            end,
+            seeds,
+        };
+        assert_eq!(Plan::from_slot(&slot(0.0, 1.0, 0), 10), plan(0, 10, false));
+        assert_eq!(Plan::from_slot(&slot(0.5, 0.75, 2), 10), plan(5, 7, true));
+        assert_eq!(Plan::from_slot(&slot(0.25, 0.5, 0), 3), plan(0, 1, false));
+        assert_eq!(Plan::from_slot(&slot(0.9, 0.95, 0), 3), plan(2, 2, false));
+    }
+
+    #[test]
+    fn the_slice_first_then_only_on_a_stall() {
+        let mut s = state(20);
+        let p = plan(4, 10, false);
+        assert_eq!(s.next_run(&p, false, 4), Some(4..8));
+        s.offered[4] = true;
+        s.local[6] = true;
+        // A run stops at a piece librqbit already has.
+        assert_eq!(s.next_run(&p, false, 4), Some(5..6));
+        for i in 4..10 {
+            s.local[i] = true;
+        }
+        // The slice is done: nothing more while the swarm moves.
+        assert_eq!(s.next_run(&p, false, 4), None);
+        // Stalled: what is missing, from the slice's end on, wrapping around.
+        assert_eq!(s.next_run(&p, true, 4), Some(10..14));
+        for i in 10..20 {
+            s.local[i] = true;
+        }
+        assert_eq!(s.next_run(&p, true, 4), Some(0..4));
+        for i in 0..4 {
+            s.local[i] = true;
+        }
+        assert_eq!(s.next_run(&p, true, 4), None);
+    }
+
+    #[test]
+    fn seeds_mean_the_slice_waits_for_a_stall() {
+        let s = state(8);
+        let p = plan(2, 4, true);
+        assert_eq!(s.next_run(&p, false, 8), None);
+        assert_eq!(s.next_run(&p, true, 8), Some(2..4));
+        // No slice at all: a stall fills from a random place.
+        let mut s = state(8);
+        s.fill_from = 5;
+        assert_eq!(s.next_run(&Plan::default(), false, 8), None);
+        assert_eq!(s.next_run(&Plan::default(), true, 8), Some(5..8));
+    }
+
+    #[test]
+    fn pieces_asked_for_again_come_first() {
+        let mut s = state(8);
+        s.wanted_again.insert(6);
+        assert_eq!(s.next_run(&plan(0, 8, false), false, 8), Some(6..7));
+    }
+
+    #[test]
+    fn blocks_are_served_from_held_pieces_and_counted_once_whole() {
+        let mut s = state(2);
+        let data = Bytes::from(vec![7u8; 32 * 1024]);
+        s.held.insert(
+            1,
+            Held {
+                data: data.clone(),
+                sent: BTreeMap::new(),
+                since: Instant::now(),
+            },
+        );
+        s.held_bytes = data.len() as u64;
+        s.offered[1] = true;
+        let b = |begin, length| Block {
+            index: 1,
+            begin,
+            length,
+        };
+        assert_eq!(s.take_block(b(0, 16384)).unwrap().len(), 16384);
+        // The same block twice (librqbit re-asks after a steal) is not the whole piece.
+        assert!(s.take_block(b(0, 16384)).is_some());
+        assert!(!s.local[1]);
+        assert!(s.take_block(b(16384, 16385)).is_none(), "past the piece");
+        assert!(s.take_block(b(16384, 0)).is_none(), "empty");
+        assert_eq!(s.take_block(b(16384, 16384)).unwrap()[0], 7);
+        assert!(s.local[1], "every byte went out");
+        assert_eq!(s.held_bytes, 0);
+        assert!(s.take_block(b(0, 16384)).is_none(), "no longer held");
+    }
+
+    #[test]
+    fn unrequested_pieces_expire() {
+        let mut s = state(2);
+        let long_ago = Instant::now() - HELD_TTL - Duration::from_secs(1);
+        for (p, since) in [(0, long_ago), (1, Instant::now())] {
+            s.held.insert(
+                p,
+                Held {
+                    data: Bytes::from_static(b"abcd"),
+                    sent: BTreeMap::new(),
+                    since,
+                },
+            );
+        }
+        s.held_bytes = 8;
+        s.expire(Instant::now());
+        assert_eq!(s.held.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(s.held_bytes, 4);
+    }
+}
