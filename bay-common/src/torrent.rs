@@ -3,8 +3,11 @@
 //! Every tracker and every machine must derive the same info hash for a blob without talking to
 //! each other, so the info dict depends on nothing but the blob: `name` is the digest's file name,
 //! `piece length` follows [`piece_length_for`], `pieces` are the SHA-1s of those pieces, `length`
-//! is the size. No dates, no creator, no `private` flag. We build it ourselves because librqbit's
-//! `create_torrent` appends a spurious piece hash when the size is a multiple of the piece length.
+//! is the size, and `private` is 1 (BEP 27: no DHT, no peer exchange; librqbit's peer exchange
+//! otherwise has every pair of proxies connect twice and lets empty leechers meet, which the
+//! trackers' hand-out policy exists to prevent). No dates, no creator. We build it ourselves
+//! because librqbit's `create_torrent` appends a spurious piece hash when the size is a
+//! multiple of the piece length.
 
 use serde::{Deserialize, Serialize};
 use sha1::{Digest as _, Sha1};
@@ -56,6 +59,10 @@ struct Info {
     piece_length: u64,
     #[serde(with = "serde_bytes")]
     pieces: Vec<u8>,
+    /// Always 1 (BEP 27): peers come from bay's trackers only, never from DHT or peer
+    /// exchange, so the trackers' hand-out policy is the whole story of who meets whom.
+    #[serde(default)]
+    private: u8,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -153,6 +160,11 @@ impl BlobTorrent {
                 info.piece_length, info.length
             )));
         }
+        if info.private != 1 {
+            return Err(not_canonical(
+                "not marked private (bay's torrents take peers from trackers only)".into(),
+            ));
+        }
         let pieces = info.length.div_ceil(expected_pl as u64);
         if info.pieces.len() as u64 != pieces * 20 {
             return Err(not_canonical(format!(
@@ -234,6 +246,7 @@ impl TorrentBuilder {
             name: self.digest.file_name(),
             piece_length: self.piece_length,
             pieces: self.pieces,
+            private: 1,
         };
         let info_hash = hash_info(&info);
         Ok(BlobTorrent {
@@ -273,7 +286,7 @@ mod tests {
         assert_eq!(t.file_name(), format!("sha256-{}", digest.hex()));
         assert_eq!(
             t.info_hash().to_hex(),
-            "1942112722e2649d66dbf58b8c26d2659b081038",
+            "de164d8a2514652a677b915a9c6fb0b30c1db8c6",
             "digest {digest}"
         );
     }
@@ -376,6 +389,19 @@ mod tests {
             announce: None,
             announce_list: None,
             info,
+        };
+        let bytes = serde_bencode::to_bytes(&meta).unwrap();
+        assert!(matches!(
+            BlobTorrent::from_metainfo(&bytes),
+            Err(TorrentError::NotCanonical { .. })
+        ));
+        // A public torrent of the same blob is not bay's either.
+        let mut public = t.info.clone();
+        public.private = 0;
+        let meta = MetaInfo {
+            announce: None,
+            announce_list: None,
+            info: public,
         };
         let bytes = serde_bencode::to_bytes(&meta).unwrap();
         assert!(matches!(
