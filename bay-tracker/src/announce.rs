@@ -39,7 +39,6 @@ pub enum SwarmError {
 
 #[derive(Debug, Clone)]
 struct Peer {
-    #[allow(dead_code)] // kept for debugging dumps; peers are keyed by address
     peer_id: PeerId,
     left: u64,
     downloaded: u64,
@@ -236,6 +235,12 @@ impl Swarms {
         } else {
             0
         };
+        // Two bay-proxies that are handed each other both connect, and librqbit keeps both
+        // connections (it keys incoming peers by their source port): every uploader then
+        // serves each leecher twice over, pieces crawl, and librqbit re-fetches the slow ones
+        // elsewhere (`bench/RESULTS.md`). So of two bay leechers, only the one with the lower
+        // address is handed the other, and connects; the other takes the incoming connection.
+        let bay = req.peer_id.is_bay();
         let mut rng = rand::rng();
         let mut sample = swarm.peers.sample(
             room,
@@ -245,6 +250,7 @@ impl Swarms {
                     && Some(*addr) != own
                     && p.expires > now
                     && (p.is_seed() || p.has_pieces())
+                    && (p.is_seed() || !bay || !p.peer_id.is_bay() || *addr > peer)
             },
             &mut rng,
         );
@@ -446,6 +452,36 @@ mod tests {
         let r = s.announce(&req(1, 0, 100), seed, None, now).unwrap();
         assert!(r.peers.is_empty());
         assert_eq!(r.interval, 60);
+    }
+
+    #[test]
+    fn of_two_bay_leechers_only_the_lower_address_is_handed_the_other() {
+        let s = Swarms::default();
+        let now = Instant::now();
+        let bay = |port: u16, left, downloaded| {
+            let mut r = req(port, left, downloaded);
+            r.peer_id = PeerId(*b"-BY0100-abcdefghijkl");
+            r
+        };
+        for p in [10, 11, 12] {
+            s.announce(&bay(p, 50, 50), addr(p), None, now).unwrap();
+        }
+        s.announce(&bay(20, 0, 100), addr(20), None, now).unwrap();
+        let handed = |r: AnnounceResponse| {
+            let mut p = r.peers;
+            p.sort();
+            p
+        };
+        let low = s.announce(&bay(10, 50, 50), addr(10), None, now).unwrap();
+        assert_eq!(handed(low), vec![addr(11), addr(12), addr(20)]);
+        // The highest bay leecher connects to nobody but the seed: the others connect to it.
+        let high = s.announce(&bay(12, 50, 50), addr(12), None, now).unwrap();
+        assert_eq!(handed(high), vec![addr(20)]);
+        // Other clients are handed everyone, and are handed to everyone.
+        let other = s.announce(&req(15, 50, 50), addr(15), None, now).unwrap();
+        assert_eq!(handed(other), vec![addr(10), addr(11), addr(12), addr(20)]);
+        let high = s.announce(&bay(12, 50, 50), addr(12), None, now).unwrap();
+        assert_eq!(handed(high), vec![addr(15), addr(20)]);
     }
 
     #[test]
