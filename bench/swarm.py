@@ -384,7 +384,8 @@ class Bench:
         for b in ("bay-proxy", "bay-tracker"):
             shutil.copy2(Path(args.bin_dir) / b, self.bin_dir / b)
             self.binaries[b] = "sha256:" + hashlib.sha256((self.bin_dir / b).read_bytes()).hexdigest()
-        self.env = dict(os.environ, TMPDIR=str(self.work), NO_COLOR="1", RUST_LOG="info")
+        self.env = dict(os.environ, TMPDIR=str(self.work), NO_COLOR="1",
+                        RUST_LOG=os.environ.get("BAY_BENCH_RUST_LOG", "info"))
 
     # -- processes -------------------------------------------------------------------------
 
