@@ -341,15 +341,30 @@ impl Blobs {
                 if this.stop.is_cancelled() {
                     return;
                 }
-                if this.held_or_running(&req.digest) {
+                if this.store.get(&req.digest).is_some() {
                     continue;
                 }
-                let span = tracing::info_span!("prefetch", digest = %req.digest, repo = %req.name);
-                let d = match this.download(&req).instrument(span).await {
-                    Ok(d) => d,
-                    Err(_) => return, // logged by the first pass
+                // One a client already started counts too: the next waits for it all the same.
+                let running = this
+                    .downloads
+                    .lock()
+                    .expect("poisoned")
+                    .get(&req.digest)
+                    .cloned();
+                let d = match running {
+                    Some(d) => d,
+                    None => {
+                        let span =
+                            tracing::info_span!("prefetch", digest = %req.digest, repo = %req.name);
+                        match this.download(&req).instrument(span).await {
+                            Ok(d) => {
+                                this.metrics.prefetches.inc();
+                                d
+                            }
+                            Err(_) => return, // logged by the first pass
+                        }
+                    }
                 };
-                this.metrics.prefetches.inc();
                 let enough = (d.torrent.size() as f64 * PREFETCH_STAGGER) as u64;
                 while !this.stop.is_cancelled() && d.outcome.borrow().is_none() {
                     let st = d.handle.stats();
