@@ -35,7 +35,7 @@ use crate::metrics::{Metrics, outcome, reason, source};
 use crate::swarm::{BlobRead, Handle, Swarm};
 use crate::trackers::{Fetched, Trackers, TrackersError};
 use crate::wake;
-use crate::webseed::{Plan, WebSeed};
+use crate::webseed::{Gate, Plan, WebSeed};
 use bay_common::range::ByteRange;
 
 const CHUNK: usize = 256 * 1024;
@@ -114,10 +114,8 @@ pub struct Blobs {
     pub metrics: Metrics,
     /// Stops the background work of downloads at shutdown.
     stop: CancellationToken,
-    /// One web seed at a time reads from the trackers. With every download of every node
-    /// reading at once, a tracker's link is shared so many ways that no node has a piece to
-    /// trade for seconds; in turns, each node's first pieces arrive N times sooner.
-    webseed_gate: Arc<tokio::sync::Semaphore>,
+    /// One web seed at a time reads from the trackers (see [`Gate`]).
+    webseed_gate: Arc<Gate>,
 }
 
 impl Blobs {
@@ -140,7 +138,7 @@ impl Blobs {
             stamps: Mutex::default(),
             metrics: Metrics::default(),
             stop,
-            webseed_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            webseed_gate: Arc::default(),
         }
     }
 
@@ -493,8 +491,11 @@ impl Blobs {
                 );
                 break false;
             }
-            if stats.progress_bytes > last_progress.0 {
-                last_progress = (stats.progress_bytes, Instant::now());
+            // Good pieces read from a tracker count as progress, and waiting for the node's
+            // turn at the trackers (behind its other downloads) is not a stall.
+            let progress = stats.progress_bytes + d.webseed.verified();
+            if progress > last_progress.0 || (d.webseed.queued() && d.webseed.has_source()) {
+                last_progress = (progress.max(last_progress.0), Instant::now());
             } else if last_progress.1.elapsed() > self.stall_timeout / 2
                 && !d.webseed.has_source()
                 && last_recovery.is_none_or(|t: Instant| t.elapsed() > self.stall_timeout * 2)
