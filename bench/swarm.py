@@ -581,8 +581,21 @@ class Bench:
         log(f"{len(self.proxies)} bay-proxies up (empty data dirs)")
 
     def stop_proxies(self) -> None:
+        # All at once: a proxy still serving a pull takes its grace time to stop.
         for p in self.proxies:
-            self.stop(p)
+            if p.poll() is None:
+                try:
+                    p.terminate()
+                except ProcessLookupError:
+                    pass
+        until = time.monotonic() + 5.0
+        for p in self.proxies:
+            try:
+                p.wait(max(0.0, until - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+            self.procs.pop(p.pid, None)
         for d in self.proxy_dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.proxies, self.proxy_dirs = [], []
