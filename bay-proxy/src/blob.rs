@@ -495,7 +495,7 @@ impl Blobs {
             // turn at the trackers (behind its other downloads) is not a stall.
             let progress = stats.progress_bytes + d.webseed.verified();
             if progress > last_progress.0 || (d.webseed.queued() && d.webseed.has_source()) {
-                last_progress = (progress.max(last_progress.0), Instant::now());
+                last_progress = (progress, Instant::now());
             } else if last_progress.1.elapsed() > self.stall_timeout / 2
                 && !d.webseed.has_source()
                 && last_recovery.is_none_or(|t: Instant| t.elapsed() > self.stall_timeout * 2)

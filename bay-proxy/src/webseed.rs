@@ -105,16 +105,17 @@ impl Gate {
     /// Waits for the turn: for a run of the node's `slice`, as soon as it is free; for a fill,
     /// once no slice waits either.
     pub async fn take(&self, slice: bool) -> Turn<'_> {
-        /// Counts a slice waiter until it has the turn or gives up waiting.
-        struct Waiting<'a>(&'a Gate, bool);
-        impl Drop for Waiting<'_> {
+        /// Counts a slice run as waiting until it has the turn or stops waiting (dropped).
+        struct SliceWaiting<'a>(&'a Gate);
+        impl Drop for SliceWaiting<'_> {
             fn drop(&mut self) {
-                if self.1 {
-                    self.0.lock().slices_waiting -= 1;
-                }
+                self.0.lock().slices_waiting -= 1;
             }
         }
-        let mut waiting = Waiting(self, false);
+        let _waiting = slice.then(|| {
+            self.lock().slices_waiting += 1;
+            SliceWaiting(self)
+        });
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -123,15 +124,7 @@ impl Gate {
                 let mut st = self.lock();
                 if !st.busy && (slice || st.slices_waiting == 0) {
                     st.busy = true;
-                    if waiting.1 {
-                        st.slices_waiting -= 1;
-                        waiting.1 = false;
-                    }
                     return Turn(self);
-                }
-                if slice && !waiting.1 {
-                    st.slices_waiting += 1;
-                    waiting.1 = true;
                 }
             }
             freed.await;
