@@ -399,16 +399,30 @@ class Bench:
         return p
 
     def stop(self, p: subprocess.Popen, grace: float = 5.0) -> None:
-        if p.returncode is None and p.poll() is None:
+        self.stop_all([p], grace)
+
+    def stop_all(self, procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+        """SIGTERM to all of them at once, `grace` seconds for all to exit, then SIGKILL: a
+        proxy still serving a pull takes its whole grace time, so one after the other would
+        add up."""
+        for p in procs:
+            if p.returncode is None and p.poll() is None:
+                try:
+                    p.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for p in procs:
             try:
-                p.terminate()
-                p.wait(grace)
+                p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
-                p.wait(5)
-            except ProcessLookupError:
-                pass
-        self.procs.pop(p.pid, None)
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    name = self.procs.get(p.pid, ("process",))[0]
+                    log(f"{name} (pid {p.pid}) did not exit")
+            self.procs.pop(p.pid, None)
 
     def ns_exec(self, ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return run(["ip", "netns", "exec", ns, *argv], env=self.env, **kw)
@@ -581,21 +595,7 @@ class Bench:
         log(f"{len(self.proxies)} bay-proxies up (empty data dirs)")
 
     def stop_proxies(self) -> None:
-        # All at once: a proxy still serving a pull takes its grace time to stop.
-        for p in self.proxies:
-            if p.poll() is None:
-                try:
-                    p.terminate()
-                except ProcessLookupError:
-                    pass
-        until = time.monotonic() + 5.0
-        for p in self.proxies:
-            try:
-                p.wait(max(0.0, until - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-            self.procs.pop(p.pid, None)
+        self.stop_all(self.proxies)
         for d in self.proxy_dirs:
             shutil.rmtree(d, ignore_errors=True)
         self.proxies, self.proxy_dirs = [], []
@@ -884,22 +884,7 @@ class Bench:
     # -- teardown --------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        for pid, (name, p) in list(self.procs.items()):
-            if p.returncode is None and p.poll() is None:
-                try:
-                    p.terminate()
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 5
-        for pid, (name, p) in list(self.procs.items()):
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    log(f"cleanup: {name} (pid {pid}) did not exit")
+        self.stop_all([p for _, p in self.procs.values()])
         self.procs.clear()
         for ns in reversed(self.namespaces):
             # Anything still running in our namespaces was started by us: end it by PID.
