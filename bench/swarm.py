@@ -497,6 +497,18 @@ class Bench:
         d = json.loads(run(["ip", "-n", self.ns_reg, "-s", "-j", "link", "show", "dev", "eth0"]).stdout)[0]
         return d["stats64"]["tx"]["bytes"]
 
+    def tcp_counters(self, ns: str) -> tuple[int, int]:
+        """(segments sent, segments retransmitted) by TCP in `ns`, from its /proc/net/snmp."""
+        rows = [l.split() for l in self.ns_exec(ns, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+                if l.startswith("Tcp:")]
+        tcp = dict(zip(rows[0][1:], (int(v) for v in rows[1][1:])))
+        return tcp["OutSegs"], tcp["RetransSegs"]
+
+    def tcp_snapshot(self) -> dict[str, tuple[int, int]]:
+        hosts = {"tracker": self.ns_trk} if self.tracker else {}
+        hosts.update({f"n{i}": ns for i, ns in enumerate(self.ns_nodes)})
+        return {name: self.tcp_counters(ns) for name, ns in hosts.items()}
+
     def link_check(self) -> dict:
         """One TCP stream registry -> node 0 for ~3 s at B: confirms the shaping (goodput)."""
         n = int(self.args.bandwidth / 8 * 3)
@@ -647,6 +659,7 @@ class Bench:
         tracker_before = self.http_json(self.ns_trk, f"{self.tracker_url}/v1/stats") if self.tracker else {}
         reg_tx0 = self.registry_tx_bytes()
         ports0 = self.bridge_counters()
+        tcp0 = self.tcp_snapshot()
         svc_cpu0 = self.service_cpu()
         irq0 = cpu_jiffies(with_irq=True)
         window0 = time.monotonic()
@@ -707,6 +720,7 @@ class Bench:
         samples = self.stop_sampler(sampler, mode)
         reg_tx = self.registry_tx_bytes() - reg_tx0
         ports1 = self.bridge_counters()
+        tcp1 = self.tcp_snapshot()
 
         # Each copy must hold every blob at its size (skopeo itself verified the digests).
         for i, r in enumerate(results):
@@ -731,6 +745,12 @@ class Bench:
             "tracker_tx_bytes": ports1["p-trk"][0] - ports0["p-trk"][0],
         }
         out["max_over_tstar"] = out["max_s"] / tstar if times else None
+        # Retransmitted segments waste the link they cross: the tracker's uplink is the one
+        # every byte of a warm pull must cross once.
+        d = {k: (tcp1[k][0] - tcp0[k][0], tcp1[k][1] - tcp0[k][1]) for k in tcp1 if k in tcp0}
+        nodes = [v for k, v in d.items() if k != "tracker"]
+        out["tcp"] = {"tracker": d.get("tracker"),
+                      "nodes": (sum(v[0] for v in nodes), sum(v[1] for v in nodes))}
         out["series"] = self.series(samples, start)
         out["cpu"] = self.cpu_summary(samples, start, wall, svc_cpu0, svc_cpu1, results, irq0, irq1, window)
         out["cpu"]["before"] = quiet
@@ -746,7 +766,9 @@ class Bench:
             out.update(self.swarm_stats(mode, blobs, tracker_before))
         done = f"p50 {out['p50_s']:.1f} s, max {out['max_s']:.1f} s" if times else "no node finished"
         log(f"[{mode}] {len(times)}/{a.nodes} ok, {done}; registry sent {fmt_bytes(reg_tx)}; "
-            f"CPU busy {100 * out['cpu']['busy_avg']:.0f} % avg")
+            f"CPU busy {100 * out['cpu']['busy_avg']:.0f} % avg; TCP segments retransmitted: "
+            + ", ".join(f"{k} {100 * r / max(o, 1):.1f} %" for k, (o, r) in
+                        (("tracker", out["tcp"]["tracker"] or (0, 0)), ("nodes", out["tcp"]["nodes"]))))
         return out
 
     def start_sampler(self, mode: str) -> subprocess.Popen:
