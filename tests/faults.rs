@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use bay_common::Digest;
 use bay_tests::{
-    Image, Proxy, Registry, RegistryOptions, Service, Tracker, bin_path, free_port, http_client,
-    loopback_ip, sha256_file,
+    Image, Proxy, Registry, RegistryOptions, Scrape, Service, Tracker, bin_path, free_port,
+    http_client, loopback_ip, sha256_file,
 };
 use reqwest::StatusCode;
 use tempfile::TempDir;
@@ -1016,9 +1016,10 @@ async fn proxy_killed_mid_download_and_restarted() {
     );
 }
 
-/// 6. The tracker's copy goes bad on disk after it was verified: the proxy's web seed checks
-/// every piece it reads from the tracker and offers librqbit none that fails, and the client
-/// still gets the blob whole and verified (from upstream, once the swarm stalls).
+/// 6. The tracker's copy goes bad on disk after it was verified: the tracker checks every piece
+/// it reads for a proxy, sends none that fails, drops the blob and fetches it from upstream again
+/// when it is next asked for it. The client gets the blob whole and verified, and the next proxy
+/// gets it from the tracker's fresh copy.
 #[tokio::test(flavor = "multi_thread")]
 async fn tracker_serving_corrupted_pieces() {
     let _serial = serial().await;
@@ -1064,16 +1065,42 @@ async fn tracker_serving_corrupted_pieces() {
     let got = pull(&blob_url(&p.url(), &layer.digest), None, PULL_TIMEOUT).await;
     eprintln!("pull through a tracker with a bad copy: {}", got.summary());
     assert!(got.verified(&layer.digest), "{}", got.summary());
-    let log = p.log_text();
     assert!(
-        log.contains("piece 2 does not match the torrent"),
-        "the proxy did not notice the tracker's bad piece"
+        c.tracker
+            .log_text()
+            .contains("held blob no longer matches its torrent"),
+        "the tracker did not notice its bad piece"
     );
     assert!(
-        !log.contains("did not validate"),
+        !p.log_text().contains("did not validate"),
         "librqbit was offered a bad piece"
     );
-    let s = p.stats().await.unwrap();
-    assert!(s["fallbacks"].as_u64().unwrap() >= 1, "{s}");
     assert_blob_dir_verified(p.data_dir());
+    let m = Scrape::of(&c.tracker.url()).await.unwrap();
+    assert_eq!(m.get("bay_damaged_blobs_total").unwrap(), 1.0);
+
+    // The bad copy is gone: the next request for the torrent (the first proxy's stall
+    // recovery, or this second proxy) fetched the blob again, and the second proxy gets all of
+    // it from the tracker.
+    let q = Proxy::start(&[c.tracker.url()], &c.registry.url(), &[])
+        .await
+        .unwrap();
+    let again = pull(&blob_url(&q.url(), &layer.digest), None, PULL_TIMEOUT).await;
+    assert!(again.verified(&layer.digest), "{}", again.summary());
+    let m = Scrape::of(&c.tracker.url()).await.unwrap();
+    assert!(
+        m.get(r#"bay_upstream_fetches_total{outcome="ok"}"#)
+            .unwrap()
+            >= 2.0,
+        "the tracker did not fetch the dropped blob again"
+    );
+    let s = q.stats().await.unwrap();
+    assert_eq!(s["fallbacks"], 0, "{s}");
+    assert_eq!(s["bytes_from_upstream"], 0, "{s}");
+    let held = c.tracker.data_dir().join("blobs").join(digest.file_name());
+    assert_eq!(
+        sha256_file(&held).unwrap(),
+        layer.digest,
+        "the tracker's new copy is not the blob"
+    );
 }

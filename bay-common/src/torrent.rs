@@ -107,6 +107,11 @@ impl BlobTorrent {
         let h = self.info.pieces.get(i * 20..i * 20 + 20)?;
         Some(h.try_into().expect("20 bytes"))
     }
+    /// Whether `data` is piece `i` of the blob, by the SHA-1 the torrent holds for it.
+    pub fn piece_matches(&self, i: usize, data: &[u8]) -> bool {
+        data.len() as u64 == self.piece_size(i)
+            && self.piece_hash(i) == Some(Sha1::digest(data).into())
+    }
     /// Bytes of the blob in piece `i` (the last piece is usually shorter).
     pub fn piece_size(&self, i: usize) -> u64 {
         let start = i as u64 * self.info.piece_length;
@@ -273,6 +278,26 @@ mod tests {
         assert_eq!(piece_length_for((1 << 30) + 1), 512 * 1024);
         assert_eq!(piece_length_for(3 << 30), 1024 * 1024);
         assert_eq!(piece_length_for(1 << 40), MAX_PIECE_LENGTH);
+    }
+
+    #[test]
+    fn pieces_match_only_their_own_bytes() {
+        let data = blob(2 * 262_144 + 10);
+        let t = BlobTorrent::from_bytes(Digest::sha256_of(&data), &data).unwrap();
+        assert!(t.piece_matches(0, &data[..262_144]));
+        assert!(t.piece_matches(2, &data[2 * 262_144..]));
+        assert!(
+            !t.piece_matches(1, &data[..262_144]),
+            "another piece's bytes"
+        );
+        let mut bad = data[262_144..2 * 262_144].to_vec();
+        bad[7] ^= 1;
+        assert!(!t.piece_matches(1, &bad), "a flipped bit");
+        assert!(
+            !t.piece_matches(2, &data[2 * 262_144..2 * 262_144 + 9]),
+            "short"
+        );
+        assert!(!t.piece_matches(3, &[]), "no such piece");
     }
 
     #[test]

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use bay_common::api::Slot;
 use bay_common::torrent::BlobTorrent;
 use bytes::{Bytes, BytesMut};
-use sha1::{Digest as _, Sha1};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -544,8 +543,7 @@ impl Inner {
                 if buf.len() < size {
                     continue;
                 }
-                let sha: [u8; 20] = Sha1::digest(&buf).into();
-                if Some(sha) != t.piece_hash(piece as usize) {
+                if !t.piece_matches(piece as usize, &buf) {
                     return Err(format!("piece {piece} does not match the torrent"));
                 }
                 self.source_ok.store(true, Ordering::Relaxed);

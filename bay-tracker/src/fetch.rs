@@ -282,6 +282,21 @@ impl Blobs {
         result
     }
 
+    /// Drops a held blob whose file no longer matches its torrent (bit rot, a disk error, a
+    /// hand-edited file), so that the next request fetches it from upstream again instead of
+    /// every proxy being handed the bad bytes.
+    pub async fn discard_damaged(&self, digest: &Digest) {
+        let Some(t) = self.store.remove(digest) else {
+            return; // dropped already, by an earlier read of it
+        };
+        tracing::error!(digest = %digest, "held blob no longer matches its torrent: dropped, it will be fetched again");
+        self.metrics.damaged_blobs.inc();
+        self.seeder.remove(t.info_hash()).await;
+        if let Err(e) = tokio::fs::remove_file(self.store.blob_path(digest)).await {
+            tracing::warn!(digest = %digest, "removing damaged blob: {e}");
+        }
+    }
+
     /// Seeds a verified blob and records it, evicting what no longer fits.
     async fn hold(&self, torrent: BlobTorrent) -> Result<Arc<BlobTorrent>, TrackerError> {
         let torrent = Arc::new(torrent);

@@ -52,7 +52,7 @@ pub async fn run(
     ));
     let preheats = Arc::new(preheat::Preheats::new(config.clone(), blobs.clone()));
     let pieces = Arc::new(pieces::Pieces::new(
-        store.clone(),
+        blobs.clone(),
         config.upload_limit,
         metrics.clone(),
     ));

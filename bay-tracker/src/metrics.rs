@@ -41,6 +41,8 @@ pub struct Metrics {
     seed_uploaded: Counter,
     /// Blob bytes proxies' web seeds read over HTTP.
     pub piece_bytes: Counter,
+    /// Held blobs dropped because a piece read for a proxy no longer matched the torrent.
+    pub damaged_blobs: Counter,
     pub ledger: Ledger,
     /// (proxy, blob) pairs already counted as served, so a proxy asking again for the same
     /// torrent (its stall recovery) does not count the blob twice.
@@ -77,6 +79,7 @@ impl Default for Metrics {
         let evictions = Counter::default();
         let seed_uploaded = Counter::default();
         let piece_bytes = Counter::default();
+        let damaged_blobs = Counter::default();
         registry.register(
             "bay_upstream_fetches",
             "Blob fetches from upstream registries, by outcome (ok, failed)",
@@ -138,6 +141,11 @@ impl Default for Metrics {
             "Blob bytes served to proxies' web seeds over HTTP (GET /v1/pieces/...)",
             piece_bytes.clone(),
         );
+        registry.register(
+            "bay_damaged_blobs",
+            "Held blobs dropped because a piece read from disk no longer matched the torrent",
+            damaged_blobs.clone(),
+        );
         Self {
             registry,
             scrape: Mutex::new(()),
@@ -154,6 +162,7 @@ impl Default for Metrics {
             evictions,
             seed_uploaded,
             piece_bytes,
+            damaged_blobs,
             ledger: Ledger::default(),
             handed_out: Mutex::default(),
         }
