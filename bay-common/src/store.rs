@@ -170,7 +170,25 @@ impl Store {
 
     /// Forgets a held blob (its file was found damaged); returns its torrent if it was held.
     pub fn remove(&self, digest: &Digest) -> Option<Arc<BlobTorrent>> {
+        self.remove_if(digest, |_| true)
+    }
+
+    /// Forgets `torrent` if it is the very copy held, not one fetched again since: a reader
+    /// of the old file that finds it damaged must not drop the new one. True if it was.
+    pub fn remove_copy(&self, torrent: &Arc<BlobTorrent>) -> bool {
+        self.remove_if(torrent.digest(), |held| Arc::ptr_eq(held, torrent))
+            .is_some()
+    }
+
+    fn remove_if(
+        &self,
+        digest: &Digest,
+        pred: impl FnOnce(&Arc<BlobTorrent>) -> bool,
+    ) -> Option<Arc<BlobTorrent>> {
         let mut ix = self.index.lock().expect("store index poisoned");
+        if !pred(&ix.blobs.get(digest)?.torrent) {
+            return None;
+        }
         let e = ix.blobs.remove(digest)?;
         ix.bytes -= e.torrent.size();
         ix.by_info_hash.remove(&e.torrent.info_hash());
@@ -295,6 +313,24 @@ mod tests {
         assert_eq!(store.remove(a.digest()), None);
         assert!(store.get(a.digest()).is_none() && !store.holds(&a.info_hash()));
         assert_eq!(store.usage(), (1, 1002));
+    }
+
+    #[test]
+    fn only_the_held_copy_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let old = torrent(3);
+        store.insert(old.clone());
+        assert!(store.remove_copy(&old));
+        assert!(!store.remove_copy(&old), "removed twice");
+        // Fetched again: the same blob, another copy. A reader of the old one leaves it be.
+        let new = torrent(3);
+        store.insert(new.clone());
+        assert!(!store.remove_copy(&old));
+        assert!(store.get(new.digest()).is_some() && store.holds(&new.info_hash()));
+        assert_eq!(store.usage(), (1, 1003));
+        assert!(store.remove_copy(&new));
+        assert_eq!(store.usage(), (0, 0));
     }
 
     #[test]

@@ -285,13 +285,23 @@ impl Blobs {
     /// Drops a held blob whose file no longer matches its torrent (bit rot, a disk error, a
     /// hand-edited file), so that the next request fetches it from upstream again instead of
     /// every proxy being handed the bad bytes.
-    pub async fn discard_damaged(&self, digest: &Digest) {
-        let Some(t) = self.store.remove(digest) else {
-            return; // dropped already, by an earlier read of it
-        };
+    pub async fn discard_damaged(&self, torrent: &Arc<BlobTorrent>) {
+        let digest = torrent.digest();
+        // Only this copy: one fetched again since is not touched. While the store holds this
+        // one no fetch of the blob starts, so the seed can go first.
+        if !self
+            .store
+            .get(digest)
+            .is_some_and(|held| Arc::ptr_eq(&held, torrent))
+        {
+            return;
+        }
+        self.seeder.remove(torrent.info_hash()).await;
+        if !self.store.remove_copy(torrent) {
+            return; // another read of it dropped it meanwhile
+        }
         tracing::error!(digest = %digest, "held blob no longer matches its torrent: dropped, it will be fetched again");
         self.metrics.damaged_blobs.inc();
-        self.seeder.remove(t.info_hash()).await;
         if let Err(e) = tokio::fs::remove_file(self.store.blob_path(digest)).await {
             tracing::warn!(digest = %digest, "removing damaged blob: {e}");
         }

@@ -88,7 +88,7 @@ impl Pieces {
                     Ok(None) => None,
                     Err(e) => {
                         if e.kind() == std::io::ErrorKind::InvalidData {
-                            blobs.discard_damaged(reader.torrent.digest()).await;
+                            blobs.discard_damaged(&reader.torrent).await;
                         }
                         Some((Err(e), None))
                     }
