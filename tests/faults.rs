@@ -1,12 +1,13 @@
 //! Faults, each an automated test (issue 8): a peer serving corrupted data, a peer killed
 //! mid-transfer, an upstream answering 500, hanging, cutting the connection or sending wrong
 //! bytes, a full cache directory, a proxy killed mid-download and restarted, and a tracker
-//! whose copy of a blob went bad on disk.
+//! whose copy of a blob went bad on disk or that sends bad pieces without knowing.
 //!
 //! Every test checks the two promises that matter when something breaks: a client never
 //! receives a complete wrong blob, and nothing that failed its digest is cached. The real
-//! binaries run on their own loopback addresses; the one in-process fake is an upstream
-//! registry that misbehaves in ways `docker-registry` cannot be made to.
+//! binaries run on their own loopback addresses; the in-process fakes are an upstream registry
+//! that misbehaves in ways `docker-registry` cannot be made to, and a relay in front of a real
+//! tracker that changes the pieces it sends.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -1103,4 +1104,150 @@ async fn tracker_serving_corrupted_pieces() {
         layer.digest,
         "the tracker's new copy is not the blob"
     );
+}
+
+/// A tracker's API behind a relay that flips one byte of the blob in every `/v1/pieces` answer
+/// that covers it: a tracker (or a network path to it) that goes bad in a way the tracker itself
+/// cannot see. Everything else passes through unchanged.
+struct TamperingRelay {
+    addr: SocketAddr,
+    tampered: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct RelayState {
+    target: String,
+    /// The blob offset whose byte is flipped.
+    at: u64,
+    tampered: Arc<AtomicU64>,
+    client: reqwest::Client,
+}
+
+impl TamperingRelay {
+    async fn start(target: &str, at: u64) -> TamperingRelay {
+        let listener = tokio::net::TcpListener::bind((loopback_ip(), 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tampered = Arc::new(AtomicU64::new(0));
+        let state = Arc::new(RelayState {
+            target: target.trim_end_matches('/').to_string(),
+            at,
+            tampered: tampered.clone(),
+            client: http_client(),
+        });
+        let app = axum::Router::new().fallback(relay).with_state(state);
+        let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TamperingRelay {
+            addr,
+            tampered,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many answers it changed.
+    fn tampered(&self) -> u64 {
+        self.tampered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TamperingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay(
+    axum::extract::State(relay): axum::extract::State<Arc<RelayState>>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = relay
+        .client
+        .request(parts.method.clone(), format!("{}{path}", relay.target))
+        .body(body);
+    for (k, v) in &parts.headers {
+        if k != header::HOST {
+            out = out.header(k, v);
+        }
+    }
+    let resp = match out.send().await {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    let status = resp.status();
+    let mut headers = resp.headers().clone();
+    let Ok(bytes) = resp.bytes().await else {
+        return StatusCode::BAD_GATEWAY.into_response();
+    };
+    let mut bytes = bytes.to_vec();
+    // "bytes S-E/T": where this answer starts in the blob.
+    let start = headers
+        .get(header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes "))
+        .and_then(|v| v.split('-').next())
+        .and_then(|s| s.parse::<u64>().ok());
+    if let (true, Some(start)) = (parts.uri.path().starts_with("/v1/pieces/"), start)
+        && (start..start + bytes.len() as u64).contains(&relay.at)
+    {
+        bytes[(relay.at - start) as usize] ^= 0xff;
+        relay.tampered.fetch_add(1, Ordering::Relaxed);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::CONNECTION);
+    (status, headers, bytes).into_response()
+}
+
+/// 7. A tracker hands out a bad piece it does not know is bad (here a relay in front of it
+/// flips a byte of piece 2): the proxy's web seed checks every piece it reads from a tracker and
+/// offers librqbit none that fails. The pieces before the bad one are used; the rest comes from
+/// upstream once the swarm stalls (trackers hand bay-proxies no BitTorrent seed, see
+/// bay-tracker's `announce` route).
+#[tokio::test(flavor = "multi_thread")]
+async fn tracker_sending_pieces_it_does_not_know_are_bad() {
+    let _serial = serial().await;
+    let c = cluster(&[4 << 20], 88, &[]).await;
+    let layer = c.image.layers[0].clone();
+    let relay = TamperingRelay::start(&c.tracker.url(), 2 * PIECE + 5).await;
+    let p = Proxy::start(&[relay.url()], &c.registry.url(), &["--stall-timeout", "2"])
+        .await
+        .unwrap();
+    let got = pull(&blob_url(&p.url(), &layer.digest), None, PULL_TIMEOUT).await;
+    eprintln!(
+        "pull through a tampering relay: {} ({} answers tampered with)",
+        got.summary(),
+        relay.tampered()
+    );
+    assert!(got.verified(&layer.digest), "{}", got.summary());
+    assert!(relay.tampered() >= 1, "the relay never sent a bad piece");
+    let log = p.log_text();
+    assert!(
+        log.contains("piece 2 does not match the torrent"),
+        "the proxy did not notice the bad piece"
+    );
+    assert!(
+        !log.contains("did not validate"),
+        "librqbit was offered a bad piece"
+    );
+    assert_blob_dir_verified(p.data_dir());
+    let s = p.stats().await.unwrap();
+    assert!(s["fallbacks"].as_u64().unwrap() >= 1, "{s}");
+    assert!(
+        s["bytes_from_upstream"].as_u64().unwrap() <= layer.size - 2 * PIECE,
+        "the good pieces before the bad one were not used: {s}"
+    );
+    // The tracker's own copy is good: it saw nothing to drop.
+    let m = Scrape::of(&c.tracker.url()).await.unwrap();
+    assert_eq!(m.get("bay_damaged_blobs_total").unwrap(), 0.0);
 }
