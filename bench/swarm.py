@@ -139,6 +139,9 @@ def fmt_pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.0f} %"
 
 
+ALLOWED_CC = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+
+
 def fmt_rate(bits: float) -> str:
     return f"{bits / 1e9:g} Gbit/s" if bits >= 1e9 else f"{bits / 1e6:g} Mbit/s"
 
@@ -173,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tc-latency-ms", type=float, default=50, help="tbf latency (queue bound) per link")
     p.add_argument("--tc-burst", type=parse_size, default=0,
                    help="tbf burst per link; 0 = max(128 KiB, 4 ms at B) (veth sends 64 KiB GSO packets)")
+    p.add_argument("--tcp-cc", default="",
+                   help="TCP congestion control in every namespace (e.g. cubic, bbr; see "
+                   "/proc/sys/net/ipv4/tcp_available_congestion_control); empty = what new namespaces get")
     p.add_argument("--proxy-arg", action="append", default=[],
                    help="extra argument for every bay-proxy (repeatable, e.g. --proxy-arg=--stall-timeout=10)")
     p.add_argument("--tracker-arg", action="append", default=[], help="extra argument for bay-tracker (repeatable)")
@@ -352,6 +358,8 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 class Bench:
     def __init__(self, args):
         self.args = args
+        # The host's allowed congestion controls before allow_cc changed them, if it did.
+        self.allowed_cc = None
         self.rid = args.run_id or f"bsw{os.getpid()}"
         self.ns_br = f"{self.rid}-br"
         self.ns_reg = f"{self.rid}-reg"
@@ -453,10 +461,24 @@ class Bench:
 
     # -- network ---------------------------------------------------------------------------
 
+    def allow_cc(self) -> None:
+        """Namespaces other than the root one may only pick an allowed congestion control: add
+        --tcp-cc to the host's list for the run (cleanup puts the old list back)."""
+        cc = self.args.tcp_cc
+        allowed = ALLOWED_CC.read_text().strip()
+        if cc and cc not in allowed.split():
+            self.allowed_cc = allowed
+            ALLOWED_CC.write_text(f"{allowed} {cc}")
+
     def add_ns(self, ns: str) -> None:
+        if not self.namespaces:
+            self.allow_cc()
         run(["ip", "netns", "add", ns])
         self.namespaces.append(ns)
         run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        if self.args.tcp_cc:
+            run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={self.args.tcp_cc}"])
+        self.tcp_cc = run(["ip", "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip()
 
     def shape(self, ns: str, dev: str) -> None:
         a = self.args
@@ -503,6 +525,20 @@ class Bench:
                 if l.startswith("Tcp:")]
         tcp = dict(zip(rows[0][1:], (int(v) for v in rows[1][1:])))
         return tcp["OutSegs"], tcp["RetransSegs"]
+
+    def qdisc_drops(self) -> dict[str, int]:
+        """Packets each shaped link's tbf dropped so far: `<host>_up` (what it sends, its own
+        eth0) and `<host>_down` (what it receives, its bridge port), host in tracker, n0, n1, ..."""
+        def drops(ns: str, dev: str) -> int:
+            d = json.loads(run(["tc", "-s", "-j", "-n", ns, "qdisc", "show", "dev", dev]).stdout)
+            return sum(q.get("drops", 0) for q in d)
+        hosts = [("tracker", self.ns_trk, "p-trk")]
+        hosts += [(f"n{i}", ns, f"p-n{i}") for i, ns in enumerate(self.ns_nodes)]
+        out = {}
+        for name, ns, port in hosts:
+            out[f"{name}_up"] = drops(ns, "eth0")
+            out[f"{name}_down"] = drops(self.ns_br, port)
+        return out
 
     def tcp_snapshot(self) -> dict[str, tuple[int, int]]:
         hosts = {"tracker": self.ns_trk} if self.tracker else {}
@@ -660,6 +696,7 @@ class Bench:
         reg_tx0 = self.registry_tx_bytes()
         ports0 = self.bridge_counters()
         tcp0 = self.tcp_snapshot()
+        drops0 = self.qdisc_drops()
         svc_cpu0 = self.service_cpu()
         irq0 = cpu_jiffies(with_irq=True)
         window0 = time.monotonic()
@@ -721,6 +758,7 @@ class Bench:
         reg_tx = self.registry_tx_bytes() - reg_tx0
         ports1 = self.bridge_counters()
         tcp1 = self.tcp_snapshot()
+        drops1 = self.qdisc_drops()
 
         # Each copy must hold every blob at its size (skopeo itself verified the digests).
         for i, r in enumerate(results):
@@ -751,6 +789,13 @@ class Bench:
         nodes = [v for k, v in d.items() if k != "tracker"]
         out["tcp"] = {"tracker": d.get("tracker"),
                       "nodes": (sum(v[0] for v in nodes), sum(v[1] for v in nodes))}
+        # Where the losses behind those retransmissions happen: which shaped queues dropped.
+        dd = {k: drops1[k] - drops0.get(k, 0) for k in drops1}
+        out["qdisc_drops"] = {
+            "tracker_up": dd["tracker_up"], "tracker_down": dd["tracker_down"],
+            "nodes_up": sum(v for k, v in dd.items() if k.startswith("n") and k.endswith("_up")),
+            "nodes_down": sum(v for k, v in dd.items() if k.startswith("n") and k.endswith("_down")),
+        }
         out["series"] = self.series(samples, start)
         out["cpu"] = self.cpu_summary(samples, start, wall, svc_cpu0, svc_cpu1, results, irq0, irq1, window)
         out["cpu"]["before"] = quiet
@@ -768,7 +813,9 @@ class Bench:
         log(f"[{mode}] {len(times)}/{a.nodes} ok, {done}; registry sent {fmt_bytes(reg_tx)}; "
             f"CPU busy {100 * out['cpu']['busy_avg']:.0f} % avg; TCP segments retransmitted: "
             + ", ".join(f"{k} {100 * r / max(o, 1):.1f} %" for k, (o, r) in
-                        (("tracker", out["tcp"]["tracker"] or (0, 0)), ("nodes", out["tcp"]["nodes"]))))
+                        (("tracker", out["tcp"]["tracker"] or (0, 0)), ("nodes", out["tcp"]["nodes"])))
+            + "; packets dropped by the shaped queues: "
+            + ", ".join(f"{k.replace('_', ' ')}link {v}" for k, v in out["qdisc_drops"].items()))
         return out
 
     def start_sampler(self, mode: str) -> subprocess.Popen:
@@ -918,6 +965,9 @@ class Bench:
                     pass
             run(["ip", "netns", "del", ns], check=False)
         self.namespaces.clear()
+        if self.allowed_cc is not None:
+            ALLOWED_CC.write_text(self.allowed_cc)
+            self.allowed_cc = None
         if self.own_work and not self.args.keep_work:
             shutil.rmtree(self.work, ignore_errors=True)
         elif self.args.keep_work:
@@ -1124,6 +1174,7 @@ def report(res: dict, out: Path, png: Path | None) -> str:
         f"T* = S/B = {res['modes'][next(iter(res['modes']))]['tstar_s']:.1f} s; "
         + (f"link check: {res['link_check']['goodput_bps'] / 1e6:.1f} Mbit/s TCP goodput "
            f"({100 * res['link_check']['fraction_of_B']:.1f} % of B). " if res.get("link_check") else "")
+        + (f"TCP congestion control: {p['tcp_cc']}. " if p.get("tcp_cc") else "")
         + f"Command: `{res['command']}`",
         "",
         table(res),
@@ -1245,6 +1296,8 @@ def main() -> int:
     try:
         bench.build_network()
         res["params"]["tc"]["burst_bytes"] = bench.tc_burst
+        res["params"]["tcp_cc"] = bench.tcp_cc
+        log(f"TCP congestion control in the namespaces: {bench.tcp_cc}")
         bench.start_registry()
         image = bench.push_image()
         S = sum(b["size"] for b in image["layers"] + [image["config"]])
