@@ -1211,7 +1211,8 @@ async fn relay(
 
 /// 7. A tracker hands out a bad piece it does not know is bad (here a relay in front of it
 /// flips a byte of piece 2): the proxy's web seed checks every piece it reads from a tracker and
-/// offers librqbit none that fails. The pieces before the bad one are used; the rest comes from
+/// offers librqbit none that fails, and stops reading the blob from that tracker for a while.
+/// The pieces before the bad one are used; the rest comes from
 /// upstream once the swarm stalls (trackers hand bay-proxies no BitTorrent seed, see
 /// bay-tracker's `announce` route).
 #[tokio::test(flavor = "multi_thread")]
@@ -1230,7 +1231,9 @@ async fn tracker_sending_pieces_it_does_not_know_are_bad() {
         relay.tampered()
     );
     assert!(got.verified(&layer.digest), "{}", got.summary());
-    assert!(relay.tampered() >= 1, "the relay never sent a bad piece");
+    // Once caught, the tracker is not asked for this blob's pieces again for a while: the bad
+    // piece went out once, not every retry.
+    assert_eq!(relay.tampered(), 1, "bad answers sent");
     let log = p.log_text();
     assert!(
         log.contains("piece 2 does not match the torrent"),

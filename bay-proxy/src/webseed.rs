@@ -60,6 +60,19 @@ fn fill_after(piece_time: Duration) -> Duration {
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(4);
 /// Pause before trying the trackers again, or reconnecting to librqbit.
 const RETRY: Duration = Duration::from_millis(500);
+/// How long a tracker that sent a piece failing its SHA-1 is not read from for this blob. Its
+/// copy is bad, or something on the way changes the bytes: asked every [`RETRY`], it would
+/// send the same bad piece again and again, to every node.
+const BAD_SOURCE_PAUSE: Duration = Duration::from_secs(30);
+
+/// Why reading a run of pieces from a tracker stopped short.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("piece {0} does not match the torrent")]
+    Mismatch(u32),
+    #[error("{0}")]
+    Transfer(String),
+}
 /// Largest block librqbit may ask for (it asks for 16 KiB).
 const MAX_BLOCK: u32 = 128 * 1024;
 /// Largest message accepted from librqbit: a BITFIELD of the most pieces a torrent can have.
@@ -168,6 +181,8 @@ struct Inner {
     peer: SocketAddr,
     trackers: Arc<Trackers>,
     sources: Vec<url::Url>,
+    /// Per source: until when it is not read from, having sent a bad piece.
+    paused_until: Mutex<Vec<Option<Instant>>>,
     gate: Arc<Gate>,
     /// Waiting for the node's turn at the trackers.
     queued: AtomicBool,
@@ -332,6 +347,7 @@ impl WebSeed {
             handle,
             peer,
             trackers,
+            paused_until: Mutex::new(vec![None; sources.len()]),
             sources,
             gate,
             queued: AtomicBool::new(false),
@@ -501,7 +517,10 @@ impl Inner {
         let Some(_turn) = turn else {
             return true;
         };
-        for base in &self.sources {
+        for (i, base) in self.sources.iter().enumerate() {
+            if self.paused_until.lock().expect("poisoned")[i].is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
             let resp = match self.trackers.pieces(base, t.info_hash(), start, end).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -513,6 +532,14 @@ impl Inner {
                 _ = stop.cancelled() => return true,
                 r = self.read_run(resp, run.clone(), plan) => match r {
                     Ok(()) => return true,
+                    Err(e @ ReadError::Mismatch(_)) => {
+                        tracing::warn!(
+                            tracker = %base,
+                            "reading pieces failed: {e}; not reading this blob from it for {BAD_SOURCE_PAUSE:?}"
+                        );
+                        self.paused_until.lock().expect("poisoned")[i] =
+                            Some(Instant::now() + BAD_SOURCE_PAUSE);
+                    }
                     Err(e) => tracing::warn!(tracker = %base, "reading pieces failed: {e}"),
                 },
             }
@@ -527,12 +554,16 @@ impl Inner {
         mut resp: reqwest::Response,
         run: Range<u32>,
         plan: &watch::Receiver<Plan>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReadError> {
         let t = &self.torrent;
         let mut piece = run.start;
         let mut buf = BytesMut::with_capacity(t.piece_size(piece as usize) as usize);
         let mut since = Instant::now();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| ReadError::Transfer(e.to_string()))?
+        {
             self.read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             let mut rest = &chunk[..];
             while !rest.is_empty() {
@@ -544,7 +575,7 @@ impl Inner {
                     continue;
                 }
                 if !t.piece_matches(piece as usize, &buf) {
-                    return Err(format!("piece {piece} does not match the torrent"));
+                    return Err(ReadError::Mismatch(piece));
                 }
                 self.source_ok.store(true, Ordering::Relaxed);
                 self.verified.fetch_add(size as u64, Ordering::Relaxed);
@@ -570,7 +601,9 @@ impl Inner {
             }
         }
         if piece < run.end {
-            return Err(format!("the range ended at piece {piece} of {run:?}"));
+            return Err(ReadError::Transfer(format!(
+                "the range ended at piece {piece} of {run:?}"
+            )));
         }
         Ok(())
     }
