@@ -59,9 +59,16 @@ fi
 limit=$(python3 "$here/swarm.py" --print-timeout "${args[@]}")
 run_id="bsw$$"
 work=$(mktemp -d /tmp/bay-swarm.XXXXXX)
+# --tcp-cc may add to the host's allowed congestion controls; swarm.py puts the list back, and
+# this does if swarm.py was killed first.
+allowed_cc_file=/proc/sys/net/ipv4/tcp_allowed_congestion_control
+allowed_cc=$(cat "$allowed_cc_file")
 
 tidy() {
   local ns pid
+  if [ "$(cat "$allowed_cc_file")" != "$allowed_cc" ]; then
+    echo "$allowed_cc" >"$allowed_cc_file" || true
+  fi
   for ns in $(ip netns list | awk '{print $1}' | grep "^${run_id}-" || true); do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do
       kill -KILL "$pid" 2>/dev/null || true

@@ -73,6 +73,7 @@ enum ReadError {
     #[error("{0}")]
     Transfer(String),
 }
+
 /// Largest block librqbit may ask for (it asks for 16 KiB).
 const MAX_BLOCK: u32 = 128 * 1024;
 /// Largest message accepted from librqbit: a BITFIELD of the most pieces a torrent can have.
