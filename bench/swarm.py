@@ -478,7 +478,10 @@ class Bench:
         run(["ip", "-n", ns, "link", "set", "lo", "up"])
         if self.args.tcp_cc:
             run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={self.args.tcp_cc}"])
-        self.tcp_cc = run(["ip", "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip()
+        if len(self.namespaces) == 1:
+            # Every namespace gets the same: what the first one has is the run's.
+            self.tcp_cc = run(["ip", "netns", "exec", ns, "cat",
+                               "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip()
 
     def shape(self, ns: str, dev: str) -> None:
         a = self.args

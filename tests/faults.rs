@@ -1212,9 +1212,8 @@ async fn relay(
 /// 7. A tracker hands out a bad piece it does not know is bad (here a relay in front of it
 /// flips a byte of piece 2): the proxy's web seed checks every piece it reads from a tracker and
 /// offers librqbit none that fails, and stops reading the blob from that tracker for a while.
-/// The pieces before the bad one are used; the rest comes from
-/// upstream once the swarm stalls (trackers hand bay-proxies no BitTorrent seed, see
-/// bay-tracker's `announce` route).
+/// The pieces before the bad one are used; the rest comes from upstream once the swarm stalls
+/// (trackers hand bay-proxies no BitTorrent seed, see bay-tracker's `announce` route).
 #[tokio::test(flavor = "multi_thread")]
 async fn tracker_sending_pieces_it_does_not_know_are_bad() {
     let _serial = serial().await;
