@@ -575,7 +575,12 @@ impl Inner {
                 if buf.len() < size {
                     continue;
                 }
-                if !t.piece_matches(piece as usize, &buf) {
+                let data = buf.split().freeze();
+                if !t
+                    .clone()
+                    .piece_matches_blocking(piece as usize, data.clone())
+                    .await
+                {
                     return Err(ReadError::Mismatch(piece));
                 }
                 self.source_ok.store(true, Ordering::Relaxed);
@@ -586,7 +591,7 @@ impl Inner {
                     *avg = (*avg * 2 + since.elapsed()) / 3;
                 }
                 since = Instant::now();
-                self.offer(piece, buf.split().freeze());
+                self.offer(piece, data);
                 piece += 1;
                 // A run in the slice stays in it (the slice shrinks as leechers arrive); a fill
                 // goes on while the pieces are missing.

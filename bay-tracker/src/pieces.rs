@@ -175,7 +175,13 @@ impl PieceReader {
                 }
                 r => r?,
             };
-            if !self.torrent.piece_matches(i, &piece) {
+            let piece = Bytes::from(piece);
+            if !self
+                .torrent
+                .clone()
+                .piece_matches_blocking(i, piece.clone())
+                .await
+            {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!(
@@ -186,7 +192,7 @@ impl PieceReader {
             }
             let start = i as u64 * pl;
             let to = (self.end - start).min(piece.len() as u64);
-            self.pending = Bytes::from(piece).slice((self.next - start) as usize..to as usize);
+            self.pending = piece.slice((self.next - start) as usize..to as usize);
             self.next = start + to;
         }
         let n = self.pending.len().min(CHUNK);
