@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tcp-cc", default="",
                    help="TCP congestion control in every namespace (e.g. cubic, bbr; see "
                    "/proc/sys/net/ipv4/tcp_available_congestion_control); empty = what new namespaces get")
+    p.add_argument("--tcp-cc-route", default="",
+                   help="congestion control for the namespaces' subnet route only (`ip route ... congctl`), "
+                   "leaving their default as it is: how a host that keeps BBR elsewhere runs bay on CUBIC")
     p.add_argument("--proxy-arg", action="append", default=[],
                    help="extra argument for every bay-proxy (repeatable, e.g. --proxy-arg=--stall-timeout=10)")
     p.add_argument("--tracker-arg", action="append", default=[], help="extra argument for bay-tracker (repeatable)")
@@ -463,12 +466,13 @@ class Bench:
 
     def allow_cc(self) -> None:
         """Namespaces other than the root one may only pick an allowed congestion control: add
-        --tcp-cc to the host's list for the run (cleanup puts the old list back)."""
-        cc = self.args.tcp_cc
+        --tcp-cc and --tcp-cc-route to the host's list for the run (cleanup puts the old list
+        back)."""
         allowed = ALLOWED_CC.read_text().strip()
-        if cc and cc not in allowed.split():
+        add = [cc for cc in (self.args.tcp_cc, self.args.tcp_cc_route) if cc and cc not in allowed.split()]
+        if add:
             self.allowed_cc = allowed
-            ALLOWED_CC.write_text(f"{allowed} {cc}")
+            ALLOWED_CC.write_text(" ".join([allowed, *dict.fromkeys(add)]))
 
     def add_ns(self, ns: str) -> None:
         if not self.namespaces:
@@ -506,6 +510,9 @@ class Bench:
             run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", self.ns_br])
             run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0"])
             run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            if self.args.tcp_cc_route:
+                run(["ip", "-n", ns, "route", "replace", f"{self.net}.0/24", "dev", "eth0", "proto", "kernel",
+                     "scope", "link", "src", ip, "congctl", self.args.tcp_cc_route])
             run(["ip", "-n", self.ns_br, "link", "set", port, "master", "br0", "up"])
             self.shape(ns, "eth0")          # what this host sends
             self.shape(self.ns_br, port)    # what this host receives
@@ -542,6 +549,18 @@ class Bench:
             out[f"{name}_up"] = drops(ns, "eth0")
             out[f"{name}_down"] = drops(self.ns_br, port)
         return out
+
+    def cc_in_use(self) -> dict[str, int]:
+        """Established TCP connections per congestion control, in node 0 and the tracker (or the
+        registry for a direct pull): what the run really used, whatever set it."""
+        names = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+        seen: dict[str, int] = {}
+        for ns in (self.ns_nodes[0], self.ns_trk if self.tracker else self.ns_reg):
+            out = self.ns_exec(ns, ["ss", "-Htin", "state", "established"]).stdout
+            for word in out.split():
+                if word in names:
+                    seen[word] = seen.get(word, 0) + 1
+        return seen
 
     def tcp_snapshot(self) -> dict[str, tuple[int, int]]:
         hosts = {"tracker": self.ns_trk} if self.tracker else {}
@@ -734,6 +753,7 @@ class Bench:
             t.start()
         deadline = start + a.phase_timeout
         last_report = start
+        cc_seen = None
         while any(t.is_alive() for t in reapers):
             now = time.monotonic()
             if now > deadline:
@@ -747,6 +767,8 @@ class Bench:
                 for t in reapers:
                     t.join(10)
                 break
+            if cc_seen is None and now - start >= tstar / 2:
+                cc_seen = self.cc_in_use()
             if now - last_report >= 15:
                 done = sum(1 for r in results if "seconds" in r)
                 log(f"[{mode}] {now - start:.0f} s: {done}/{a.nodes} done")
@@ -786,6 +808,7 @@ class Bench:
             "tracker_tx_bytes": ports1["p-trk"][0] - ports0["p-trk"][0],
         }
         out["max_over_tstar"] = out["max_s"] / tstar if times else None
+        out["tcp_cc_seen"] = cc_seen
         # Retransmitted segments waste the link they cross: the tracker's uplink is the one
         # every byte of a warm pull must cross once.
         d = {k: (tcp1[k][0] - tcp0[k][0], tcp1[k][1] - tcp0[k][1]) for k in tcp1 if k in tcp0}
@@ -1177,7 +1200,9 @@ def report(res: dict, out: Path, png: Path | None) -> str:
         f"T* = S/B = {res['modes'][next(iter(res['modes']))]['tstar_s']:.1f} s; "
         + (f"link check: {res['link_check']['goodput_bps'] / 1e6:.1f} Mbit/s TCP goodput "
            f"({100 * res['link_check']['fraction_of_B']:.1f} % of B). " if res.get("link_check") else "")
-        + (f"TCP congestion control: {p['tcp_cc']}. " if p.get("tcp_cc") else "")
+        + (f"TCP congestion control: {p['tcp_cc']}"
+           + (f", {p['tcp_cc_route']} on the subnet route" if p.get("tcp_cc_route") else "") + ". "
+           if p.get("tcp_cc") else "")
         + f"Command: `{res['command']}`",
         "",
         table(res),
@@ -1206,7 +1231,10 @@ def report(res: dict, out: Path, png: Path | None) -> str:
                      f"{100 * share:.0f} % of the machine; CPU seconds (per GiB the nodes received): {secs}; all busy {c['busy_core_s']:.0f} core-s of which "
                      f"irq/softirq {c['irq_core_s']:.0f}, other processes (not this benchmark) ≈ {c['other_core_s']:.0f}; "
                      f"CPU busy before start {fmt_pct(c['before']['busy_before'])}"
-                     f"{'' if c['before']['quiet'] else ' (NOT quiet)'}{extra}")
+                     f"{'' if c['before']['quiet'] else ' (NOT quiet)'}{extra}"
+                     + (f"; TCP connections at T*/2 (n0 + {'tracker' if name != 'direct' else 'registry'}) by "
+                        "congestion control: " + ", ".join(f"{k} {v}" for k, v in sorted(m["tcp_cc_seen"].items()))
+                        if m.get("tcp_cc_seen") else ""))
     if png:
         lines += ["", f"Plot: [{png.name}]({png.name}) (next to this file)"]
     return "\n".join(lines) + "\n"
@@ -1300,7 +1328,9 @@ def main() -> int:
         bench.build_network()
         res["params"]["tc"]["burst_bytes"] = bench.tc_burst
         res["params"]["tcp_cc"] = bench.tcp_cc
-        log(f"TCP congestion control in the namespaces: {bench.tcp_cc}")
+        res["params"]["tcp_cc_route"] = args.tcp_cc_route or None
+        log(f"TCP congestion control in the namespaces: {bench.tcp_cc}"
+            + (f", {args.tcp_cc_route} on their subnet route" if args.tcp_cc_route else ""))
         bench.start_registry()
         image = bench.push_image()
         S = sum(b["size"] for b in image["layers"] + [image["config"]])
