@@ -59,8 +59,8 @@ fi
 limit=$(python3 "$here/swarm.py" --print-timeout "${args[@]}")
 run_id="bsw$$"
 work=$(mktemp -d /tmp/bay-swarm.XXXXXX)
-# --tcp-cc may add to the host's allowed congestion controls; swarm.py puts the list back, and
-# this does if swarm.py was killed first.
+# --tcp-cc and --tcp-cc-route may add to the host's allowed congestion controls; swarm.py puts
+# the list back, and this does if swarm.py was killed first.
 allowed_cc_file=/proc/sys/net/ipv4/tcp_allowed_congestion_control
 allowed_cc=$(cat "$allowed_cc_file")
 
