@@ -36,6 +36,31 @@ struct Index {
 struct Entry {
     torrent: Arc<BlobTorrent>,
     last_used: u64,
+    /// The file as it was when its content was last verified.
+    stamp: Option<FileStamp>,
+}
+
+/// What identifies a file's content without reading it: a rewrite changes the modification
+/// time, a replacement the inode. A blob whose file still has the stamp it had when it was
+/// verified is served without hashing it again; one whose stamp changed is re-hashed first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    pub fn of(meta: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
 }
 
 impl Store {
@@ -124,9 +149,11 @@ impl Store {
         ix.by_info_hash.contains_key(info_hash)
     }
 
-    /// Records a verified, seeded blob and returns the blobs to evict to get back under the
-    /// capacity, least recently used first (never the one just added).
+    /// Records a verified, seeded blob, its file as it is now (see [`FileStamp`]), and returns
+    /// the blobs to evict to get back under the capacity, least recently used first (never the
+    /// one just added).
     pub fn insert(&self, torrent: Arc<BlobTorrent>) -> Vec<Arc<BlobTorrent>> {
+        let stamp = self.stamp_now(torrent.digest());
         let mut ix = self.index.lock().expect("store index poisoned");
         ix.clock += 1;
         let now = ix.clock;
@@ -140,6 +167,7 @@ impl Store {
                 Entry {
                     torrent,
                     last_used: now,
+                    stamp,
                 },
             )
             .is_none()
@@ -166,6 +194,35 @@ impl Store {
         self.evictions
             .fetch_add(victims.len() as u64, Ordering::Relaxed);
         victims
+    }
+
+    fn stamp_now(&self, digest: &Digest) -> Option<FileStamp> {
+        fs::metadata(self.blob_path(digest))
+            .ok()
+            .map(|m| FileStamp::of(&m))
+    }
+
+    /// Notes a held blob's file as it is now, just after its content was verified again.
+    pub fn restamp(&self, digest: &Digest) {
+        let stamp = self.stamp_now(digest);
+        if let Some(e) = self
+            .index
+            .lock()
+            .expect("store index poisoned")
+            .blobs
+            .get_mut(digest)
+        {
+            e.stamp = stamp;
+        }
+    }
+
+    /// Whether the held blob's file, described by `meta`, is as it was when last verified.
+    pub fn unchanged_since_verified(&self, digest: &Digest, meta: &fs::Metadata) -> bool {
+        let ix = self.index.lock().expect("store index poisoned");
+        ix.blobs
+            .get(digest)
+            .and_then(|e| e.stamp.as_ref())
+            .is_some_and(|s| *s == FileStamp::of(meta))
     }
 
     /// Forgets a held blob (its file was found damaged); returns its torrent if it was held.
@@ -331,6 +388,33 @@ mod tests {
         assert_eq!(store.usage(), (1, 1003));
         assert!(store.remove_copy(&new));
         assert_eq!(store.usage(), (0, 0));
+    }
+
+    #[test]
+    fn a_changed_file_is_no_longer_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let t = torrent(4);
+        let path = store.blob_path(t.digest());
+        fs::write(&path, vec![4u8; 1004]).unwrap();
+        store.insert(t.clone());
+        let meta = || fs::metadata(&path).unwrap();
+        assert!(store.unchanged_since_verified(t.digest(), &meta()));
+        // Rewritten in place (same length, later mtime): changed.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&path, vec![5u8; 1004]).unwrap();
+        assert!(!store.unchanged_since_verified(t.digest(), &meta()));
+        // Verified again: trusted again.
+        store.restamp(t.digest());
+        assert!(store.unchanged_since_verified(t.digest(), &meta()));
+        // Replaced by another file: changed.
+        let other = dir.path().join("other");
+        fs::write(&other, vec![5u8; 1004]).unwrap();
+        fs::rename(&other, &path).unwrap();
+        assert!(!store.unchanged_since_verified(t.digest(), &meta()));
+        // Not held: never verified.
+        store.remove(t.digest());
+        assert!(!store.unchanged_since_verified(t.digest(), &meta()));
     }
 
     #[test]

@@ -34,6 +34,10 @@ impl Rate {
         }
     }
 
+    pub fn limited(&self) -> bool {
+        self.bytes_per_sec.is_some()
+    }
+
     /// Accounts for `bytes` just moved, sleeping as long as the rate requires.
     pub async fn take(&self, bytes: usize) {
         let Some(rate) = self.bytes_per_sec else {
