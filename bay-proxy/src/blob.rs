@@ -31,8 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::ProxyError;
+use crate::landing::{Landing, Pool, Reader, Writer};
 use crate::metrics::{Metrics, outcome, reason, source};
-use crate::swarm::{BlobRead, Handle, Swarm};
+use crate::swarm::{Handle, Swarm};
 use crate::trackers::{Fetched, Trackers, TrackersError};
 use crate::wake;
 use crate::webseed::{Gate, Plan, WebSeed};
@@ -84,6 +85,8 @@ struct Download {
     stream_verified: std::sync::atomic::AtomicBool,
     /// The tracker's share: pieces over HTTP, offered to librqbit as a peer.
     webseed: WebSeed,
+    /// Where librqbit puts the pieces, and clients read them.
+    landing: Arc<Landing>,
 }
 
 impl Download {
@@ -99,6 +102,13 @@ impl Download {
     fn seed_reachable(&self) -> bool {
         self.webseed.has_source()
     }
+
+    /// Why the download can no longer deliver, if it cannot.
+    fn unusable(&self) -> Option<String> {
+        self.landing
+            .failure()
+            .or_else(|| self.handle.stats().error.clone())
+    }
 }
 
 pub struct Blobs {
@@ -109,13 +119,14 @@ pub struct Blobs {
     access: AccessCache,
     stall_timeout: Duration,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
-    /// Cached blobs' files as they were when verified (written, or re-read at start).
-    stamps: Mutex<HashMap<Digest, FileStamp>>,
     pub metrics: Metrics,
     /// Stops the background work of downloads at shutdown.
     stop: CancellationToken,
     /// One web seed at a time reads from the trackers (see [`Gate`]).
     webseed_gate: Arc<Gate>,
+    /// Writes downloads' verified pieces to their files.
+    writer: Writer,
+    pool: Arc<Pool>,
 }
 
 impl Blobs {
@@ -125,6 +136,7 @@ impl Blobs {
         trackers: Arc<Trackers>,
         upstream: Arc<UpstreamClient>,
         stall_timeout: Duration,
+        writer: Writer,
         stop: CancellationToken,
     ) -> Self {
         Self {
@@ -135,10 +147,11 @@ impl Blobs {
             access: AccessCache::default(),
             stall_timeout,
             downloads: Mutex::default(),
-            stamps: Mutex::default(),
             metrics: Metrics::default(),
             stop,
             webseed_gate: Arc::default(),
+            writer,
+            pool: Arc::default(),
         }
     }
 
@@ -224,9 +237,12 @@ impl Blobs {
         // A download whose torrent already failed (a full disk, say) cannot be streamed: its
         // clients go to upstream like those without a swarm.
         let streamable = match download {
-            Some(d) => match self.swarm.open(&d.handle, 0).await {
-                Ok(reader) => Ok((d, reader)),
-                Err(e) => {
+            Some(d) => match d.unusable() {
+                None => {
+                    let reader = d.landing.reader();
+                    Ok((d, reader))
+                }
+                Some(e) => {
                     tracing::warn!("swarm download unusable, streaming from upstream: {e}");
                     Err(reason::SWARM_UNUSABLE)
                 }
@@ -409,12 +425,22 @@ impl Blobs {
         if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
             return Ok(d.clone());
         }
+        let torrent = Arc::new(fetched.torrent);
+        let landing = Arc::new(Landing::new(
+            self.store.tmp_dir().join(torrent.file_name()),
+            torrent.clone(),
+            self.writer.clone(),
+            self.pool.clone(),
+        ));
         let handle = self
             .swarm
-            .add(fetched.metainfo.clone(), self.store.tmp_dir())
+            .add_download(
+                fetched.metainfo.clone(),
+                self.store.tmp_dir(),
+                landing.storage_factory(),
+            )
             .await
             .map_err(|e| Start::Failed(e.to_string()))?;
-        let torrent = Arc::new(fetched.torrent);
         let (outcome, _) = watch::channel(None);
         let webseed = WebSeed::start(
             torrent.clone(),
@@ -432,6 +458,7 @@ impl Blobs {
             recovering: Default::default(),
             stream_verified: Default::default(),
             webseed,
+            landing,
         });
         {
             let mut map = self.downloads.lock().expect("poisoned");
@@ -483,8 +510,15 @@ impl Blobs {
                         .await
                 });
             }
+            if let Some(e) = d.landing.failure() {
+                tracing::warn!(
+                    progress = stats.progress_bytes,
+                    "swarm download failed, giving up: {e}"
+                );
+                break false;
+            }
             if let Some(e) = &stats.error {
-                // librqbit stopped the torrent for good (e.g. it could not write a piece).
+                // librqbit stopped the torrent for good.
                 tracing::warn!(
                     progress = stats.progress_bytes,
                     "swarm download failed, giving up: {e}"
@@ -607,6 +641,10 @@ impl Blobs {
             return self.store.get(digest).is_some()
                 || matches!(verify_file(&dest, digest).await, Ok(t) if t.info_hash() == torrent.info_hash());
         }
+        if let Err(e) = d.landing.flushed().await {
+            tracing::warn!("writing the downloaded blob failed, not caching it: {e}");
+            return false;
+        }
         // librqbit checked every piece against the torrent; the digest is checked here unless
         // a client stream already hashed the whole file.
         if !d.stream_verified.load(Ordering::Relaxed)
@@ -626,24 +664,8 @@ impl Blobs {
         true
     }
 
-    /// Notes the identity of a cached blob's file just after it was verified.
-    async fn stamp(&self, digest: &Digest) {
-        if let Ok(meta) = tokio::fs::metadata(self.store.blob_path(digest)).await {
-            self.stamps
-                .lock()
-                .expect("poisoned")
-                .insert(digest.clone(), FileStamp::of(&meta));
-        }
-    }
-
-    /// Whether `meta` is the file as it was when last verified.
-    fn unchanged_since_verified(&self, digest: &Digest, meta: &std::fs::Metadata) -> bool {
-        self.stamps.lock().expect("poisoned").get(digest) == Some(&FileStamp::of(meta))
-    }
-
     /// Drops a cached blob whose file no longer matches its digest.
     async fn discard(&self, digest: &Digest) {
-        self.stamps.lock().expect("poisoned").remove(digest);
         let Some(t) = self.store.remove(digest) else {
             return;
         };
@@ -655,12 +677,7 @@ impl Blobs {
     }
 
     async fn record(&self, torrent: Arc<BlobTorrent>) {
-        self.stamp(torrent.digest()).await;
         for victim in self.store.insert(torrent) {
-            self.stamps
-                .lock()
-                .expect("poisoned")
-                .remove(victim.digest());
             tracing::info!(digest = %victim.digest(), size = victim.size(), "evicting blob");
             self.swarm.remove(victim.info_hash(), false).await;
             for dir in [self.store.blob_dir(), self.store.tmp_dir()] {
@@ -748,7 +765,10 @@ impl Blobs {
             }
             // Verified when it was written (or re-read at start) and not changed since: sent
             // as is, at the speed of the disk. The client checks the digest as always.
-            _ if self.unchanged_since_verified(digest, &file.metadata().await?) => {
+            _ if self
+                .store
+                .unchanged_since_verified(digest, &file.metadata().await?) =>
+            {
                 let cr = range.map(|r| r.content_range(size));
                 let body = self.plain_file_body(req, file, size);
                 Ok(blob_response(digest, size, status, cr, body))
@@ -850,28 +870,6 @@ impl Blobs {
     }
 }
 
-/// What identifies a file's content without reading it: a rewrite changes the modification
-/// time, a replacement the inode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-}
-
-impl FileStamp {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-        }
-    }
-}
-
 enum Start {
     Refused(Box<bay_common::upstream::Refusal>),
     Failed(String),
@@ -944,7 +942,7 @@ fn blob_response(
 /// Where the bytes of a response come from.
 enum Source {
     Swarm {
-        reader: Box<dyn BlobRead>,
+        reader: Reader,
         download: Arc<Download>,
         last_progress: u64,
         /// When the stream last saw the download progress, while it waits for pieces.
@@ -1148,7 +1146,7 @@ impl VerifyingBody {
         }
         if matches!(self.source, Source::File { .. }) {
             // Changed on disk but still right (touched, copied back): trusted again.
-            self.blobs.stamp(&self.digest).await;
+            self.blobs.store.restamp(&self.digest);
         }
         if self.from_upstream > 0 {
             tracing::info!(
@@ -1239,20 +1237,15 @@ impl VerifyingBody {
                     last_progress,
                     waiting_since,
                 } => {
-                    let mut buf = vec![0u8; CHUNK];
-                    match tokio::time::timeout(self.blobs.stall_timeout, reader.read(&mut buf))
-                        .await
+                    match tokio::time::timeout(self.blobs.stall_timeout, reader.next_chunk()).await
                     {
-                        Ok(Ok(0)) => {
+                        Ok(Ok(b)) if b.is_empty() => {
                             return Err(std::io::Error::new(
                                 std::io::ErrorKind::UnexpectedEof,
                                 "swarm stream ended early",
                             ));
                         }
-                        Ok(Ok(n)) => {
-                            buf.truncate(n);
-                            return Ok(Bytes::from(buf));
-                        }
+                        Ok(Ok(b)) => return Ok(b),
                         Ok(Err(e)) => {
                             tracing::warn!("swarm stream failed, continuing from upstream: {e}");
                             self.blobs.metrics.fallback(reason::SWARM_ERROR);

@@ -4,6 +4,7 @@
 pub mod blob;
 pub mod config;
 pub mod error;
+pub mod landing;
 pub mod metrics;
 pub mod passthrough;
 pub mod peer_wire;
@@ -58,6 +59,7 @@ pub async fn run(
         trackers.clone(),
         upstream,
         config.stall_timeout(),
+        landing::Writer::start().context("starting the writer thread")?,
         stop.clone(),
     ));
     let state = Arc::new(routes::AppState {

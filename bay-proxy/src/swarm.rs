@@ -21,20 +21,16 @@ use bay_common::runtime::Dedicated;
 use bytes::Bytes;
 use librqbit::api::TorrentIdOrHash;
 use librqbit::dht::Id20;
+use librqbit::storage::BoxStorageFactory;
 use librqbit::{
     AddTorrent, AddTorrentOptions, ConnectionOptions, ListenerMode, ListenerOptions,
     ManagedTorrent, PeerConnectionOptions, Session, SessionOptions,
 };
-use tokio::io::{AsyncRead, AsyncSeek, AsyncSeekExt};
 
 /// Chunks (16 KiB) in flight per connection: one 256 KiB piece.
 const REQUEST_WINDOW: usize = 16;
 
 pub type Handle = Arc<ManagedTorrent>;
-
-/// A librqbit file stream (its type is not public): reads verified bytes, waiting for pieces.
-pub trait BlobRead: AsyncRead + AsyncSeek + Unpin + Send {}
-impl<T: AsyncRead + AsyncSeek + Unpin + Send> BlobRead for T {}
 
 pub struct Swarm {
     rt: Dedicated,
@@ -113,14 +109,35 @@ impl Swarm {
         self.peer_port
     }
 
-    /// Adds a torrent whose file is (or will be) at `dir/<file name>`, announcing to every
-    /// configured tracker so proxies find each other whichever tracker handed out the torrent.
+    /// Adds a torrent whose complete file is at `dir/<file name>`, to seed it, announcing to
+    /// every configured tracker so proxies find each other whichever tracker handed out the
+    /// torrent.
     pub async fn add(&self, metainfo: Bytes, dir: &Path) -> Result<Handle, SwarmError> {
+        self.add_with(metainfo, dir, None).await
+    }
+
+    /// Adds a torrent to download into `storage` (a [`crate::landing::Landing`]).
+    pub async fn add_download(
+        &self,
+        metainfo: Bytes,
+        dir: &Path,
+        storage: BoxStorageFactory,
+    ) -> Result<Handle, SwarmError> {
+        self.add_with(metainfo, dir, Some(storage)).await
+    }
+
+    async fn add_with(
+        &self,
+        metainfo: Bytes,
+        dir: &Path,
+        storage: Option<BoxStorageFactory>,
+    ) -> Result<Handle, SwarmError> {
         let session = self.session.clone();
         let opts = AddTorrentOptions {
             overwrite: true,
             output_folder: Some(dir.to_string_lossy().into_owned()),
             trackers: Some(self.announce.clone()),
+            storage_factory: storage,
             ..Default::default()
         };
         self.rt
@@ -160,16 +177,6 @@ impl Swarm {
             Ok(Err(e)) => tracing::debug!(info_hash = %info_hash, "removing torrent: {e:#}"),
             Err(e) => tracing::debug!(info_hash = %info_hash, "removing torrent: {e}"),
         }
-    }
-
-    /// A reader of the blob that waits for verified pieces, starting at `offset`.
-    pub async fn open(
-        &self,
-        handle: &Handle,
-        offset: u64,
-    ) -> Result<Box<dyn BlobRead>, SwarmError> {
-        let handle = handle.clone();
-        self.rt.run(open_here(handle, offset)).await.map_err(err)?
     }
 
     /// Stops the session, then its runtime.
@@ -218,15 +225,4 @@ impl Swarm {
             ip: None,
         }
     }
-}
-
-/// Opens a stream; must run on the session's runtime, as librqbit may connect peers for it.
-async fn open_here(handle: Handle, offset: u64) -> Result<Box<dyn BlobRead>, SwarmError> {
-    let mut s = handle.stream(0).await.map_err(|e| err(format!("{e:#}")))?;
-    if offset > 0 {
-        s.seek(std::io::SeekFrom::Start(offset))
-            .await
-            .map_err(err)?;
-    }
-    Ok(Box::new(s))
 }
