@@ -4,7 +4,10 @@
 use std::net::SocketAddr;
 
 use bay_common::announce::InfoHash;
-use bytes::Bytes;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -125,6 +128,80 @@ pub async fn read_message(
     Ok(parse(Bytes::from(msg)))
 }
 
+/// Takes the next whole message off `buf`, bytes read so far; None until one is complete.
+/// Reading into a buffer and taking messages off it is safe to cancel in a `select!`.
+pub fn take_message(buf: &mut BytesMut, max: usize) -> std::io::Result<Option<Message>> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+    if len > max {
+        return Err(std::io::Error::other(format!("a {len}-byte message")));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let msg = buf.split_to(len).freeze();
+    Ok(Some(if len == 0 {
+        Message::KeepAlive
+    } else {
+        parse(msg)
+    }))
+}
+
+/// Messages waiting to go out, written with as few system calls as the socket takes
+/// (`write_all_buf` writes them vectored) and without copying piece data into a buffer.
+#[derive(Default)]
+pub struct Frames {
+    queue: VecDeque<Bytes>,
+    remaining: usize,
+}
+
+impl Frames {
+    pub fn push(&mut self, frame: impl Into<Bytes>) {
+        let frame = frame.into();
+        self.remaining += frame.len();
+        self.queue.push_back(frame);
+    }
+}
+
+impl Buf for Frames {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.queue.front().map_or(&[], |b| &b[..])
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        self.remaining -= cnt;
+        while cnt > 0 {
+            let front = self.queue.front_mut().expect("advanced past the end");
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.queue.pop_front();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, frame) in dst
+            .iter_mut()
+            .zip(self.queue.iter().filter(|f| !f.is_empty()))
+        {
+            *slot = IoSlice::new(frame);
+            n += 1;
+        }
+        n
+    }
+}
+
 fn parse(msg: Bytes) -> Message {
     let u32_at = |i: usize| {
         msg.get(i..i + 4)
@@ -234,5 +311,43 @@ mod tests {
         let big = [0u8, 1, 0, 0, MSG_PIECE];
         assert!(read_message(&mut &big[..], 1024).await.is_err());
         assert_eq!(&piece_header(2, 16384, 10)[..5], &[0, 0, 0, 19, MSG_PIECE]);
+
+        // The same bytes taken off a buffer as they arrive, in pieces of any size.
+        for step in [1, 3, 7, wire.len()] {
+            let mut buf = BytesMut::new();
+            let mut taken = Vec::new();
+            for part in wire.chunks(step) {
+                buf.extend_from_slice(part);
+                while let Some(m) = take_message(&mut buf, 1024).unwrap() {
+                    taken.push(m);
+                }
+            }
+            assert_eq!(taken, got, "fed {step} bytes at a time");
+            assert!(buf.is_empty());
+        }
+        let mut buf = BytesMut::from(&big[..]);
+        assert!(take_message(&mut buf, 1024).is_err(), "too big");
+    }
+
+    #[tokio::test]
+    async fn frames_go_out_whole_and_in_order() {
+        let mut f = Frames::default();
+        f.push(Bytes::from_static(b"ab"));
+        f.push(Bytes::new());
+        f.push(Bytes::from(vec![7u8; 100_000]));
+        f.push(Bytes::from_static(b"z"));
+        assert_eq!(f.remaining(), 100_003);
+        let mut out = Vec::new();
+        out.write_all_buf(&mut f).await.unwrap();
+        assert_eq!(out.len(), 100_003);
+        assert_eq!(&out[..3], b"ab\x07");
+        assert_eq!(out[100_002], b'z');
+        assert!(!f.has_remaining());
+        // Part way through a frame.
+        f.push(Bytes::from_static(b"hello"));
+        f.push(Bytes::from_static(b"world"));
+        f.advance(7);
+        assert_eq!(f.chunk(), b"rld");
+        assert_eq!(f.remaining(), 3);
     }
 }
