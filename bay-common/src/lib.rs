@@ -8,6 +8,7 @@ pub mod digest;
 pub mod flags;
 pub mod manifest;
 pub mod metrics;
+pub mod pool;
 pub mod range;
 pub mod reference;
 pub mod runtime;

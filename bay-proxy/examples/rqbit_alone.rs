@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bay_common::pool::Pool;
 use bay_common::torrent::BlobTorrent;
-use bay_proxy::landing::{Landing, Pool, Writer};
+use bay_proxy::landing::{self, Landing, Writer};
 use bay_proxy::swarm::Swarm;
 use bytes::Bytes;
 
@@ -47,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
             out.join(torrent.file_name()),
             torrent.clone(),
             Writer::start()?,
-            Arc::new(Pool::default()),
+            Pool::new(landing::POOL_BYTES),
         ));
         let h = swarm
             .add_download(metainfo, &out, l.storage_factory())

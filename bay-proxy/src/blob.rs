@@ -31,12 +31,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::ProxyError;
-use crate::landing::{Landing, Pool, Reader, Writer};
+use crate::landing::{self, Landing, Reader, Writer};
 use crate::metrics::{Metrics, outcome, reason, source};
 use crate::swarm::{Handle, Swarm};
 use crate::trackers::{Fetched, Trackers, TrackersError};
 use crate::wake;
 use crate::webseed::{Gate, Plan, WebSeed};
+use bay_common::pool::Pool;
 use bay_common::range::ByteRange;
 
 const CHUNK: usize = 256 * 1024;
@@ -151,7 +152,7 @@ impl Blobs {
             stop,
             webseed_gate: Arc::default(),
             writer,
-            pool: Arc::default(),
+            pool: Pool::new(landing::POOL_BYTES),
         }
     }
 

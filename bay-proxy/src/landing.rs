@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use anyhow::Context as _;
+use bay_common::pool::{Pool, Pooled};
 use bay_common::torrent::BlobTorrent;
 use bytes::Bytes;
 use librqbit::storage::{
@@ -39,8 +40,8 @@ const READ_AHEAD: u64 = 16 << 20;
 const MAX_UNWRITTEN: u64 = 32 << 20;
 /// Most bytes a [`Reader`] returns at once from the file.
 const FILE_READ: u64 = 1 << 20;
-/// Free piece buffers kept for the next pieces, in bytes.
-const POOL_BYTES: usize = 32 << 20;
+/// Free piece buffers a proxy keeps for its next pieces.
+pub const POOL_BYTES: usize = 32 << 20;
 
 pub struct Landing {
     path: PathBuf,
@@ -304,7 +305,7 @@ impl TorrentStorage for Storage {
                 .assembling
                 .remove(&p)
                 .with_context(|| format!("piece {p} completed but never written"))?;
-            let data = Bytes::from_owner(buf);
+            let data = buf.into_bytes();
             st.verified[p as usize] = true;
             st.unwritten_bytes += data.len() as u64;
             st.held.insert(p, data);
@@ -468,78 +469,6 @@ impl Writer {
     }
 }
 
-/// Piece buffers for reuse: memory the process already has costs no page faults (on a VM that
-/// hands freed memory back to its host, far more than the copy into it).
-#[derive(Default)]
-pub struct Pool {
-    free: Mutex<HashMap<usize, Vec<Vec<u8>>>>,
-    free_bytes: AtomicUsize,
-}
-
-/// A piece buffer that goes back to its pool when the last reference to it is dropped.
-struct Pooled {
-    buf: Vec<u8>,
-    len: usize,
-    pool: Arc<Pool>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl AsMut<[u8]> for Pooled {
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[..self.len]
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        self.pool.put(buf);
-    }
-}
-
-impl Pool {
-    fn take(self: &Arc<Self>, len: usize) -> Pooled {
-        let cap = len.next_power_of_two();
-        let reused = self
-            .free
-            .lock()
-            .expect("pool poisoned")
-            .get_mut(&cap)
-            .and_then(Vec::pop);
-        let buf = match reused {
-            Some(b) => {
-                self.free_bytes.fetch_sub(cap, Ordering::Relaxed);
-                b
-            }
-            None => vec![0u8; cap],
-        };
-        Pooled {
-            buf,
-            len,
-            pool: self.clone(),
-        }
-    }
-
-    fn put(&self, buf: Vec<u8>) {
-        let cap = buf.len();
-        if cap == 0 || self.free_bytes.load(Ordering::Relaxed) + cap > POOL_BYTES {
-            return;
-        }
-        self.free_bytes.fetch_add(cap, Ordering::Relaxed);
-        self.free
-            .lock()
-            .expect("pool poisoned")
-            .entry(cap)
-            .or_default()
-            .push(buf);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,7 +489,7 @@ mod tests {
             path,
             torrent,
             Writer::start().unwrap(),
-            Arc::default(),
+            Pool::new(POOL_BYTES),
         ));
         l.open_file().unwrap();
         (l.clone(), Storage(l))

@@ -23,6 +23,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bay_common::announce::InfoHash;
+use bay_common::pool::{Pool, Pooled};
 use bay_common::range::ByteRange;
 use bay_common::torrent::BlobTorrent;
 use bytes::Bytes;
@@ -39,8 +40,12 @@ const READ: u64 = 1 << 20;
 /// Bytes per step of the rate limit.
 const RATE_STEP: usize = 64 * 1024;
 
+/// Free read buffers kept for the next responses.
+const POOL_BYTES: usize = 16 << 20;
+
 pub struct Pieces {
     blobs: Arc<Blobs>,
+    pool: Arc<Pool>,
     rate: Rate,
     metrics: Arc<Metrics>,
 }
@@ -49,6 +54,7 @@ impl Pieces {
     pub fn new(blobs: Arc<Blobs>, upload_limit: Option<u64>, metrics: Arc<Metrics>) -> Self {
         Self {
             blobs,
+            pool: Pool::new(POOL_BYTES),
             rate: Rate::new(upload_limit),
             metrics,
         }
@@ -84,7 +90,14 @@ impl Pieces {
         let path = store.blob_path(torrent.digest());
         let file = std::fs::File::open(&path)?;
         let trusted = store.unchanged_since_verified(torrent.digest(), &file.metadata()?);
-        let reader = PieceReader::new(file, torrent, r.start, r.end + 1, trusted);
+        let reader = PieceReader::new(
+            file,
+            torrent,
+            r.start,
+            r.end + 1,
+            trusted,
+            self.pool.clone(),
+        );
         let blobs = self.blobs.clone();
         let blocks = futures::stream::unfold(Some(reader), move |reader| {
             let blobs = blobs.clone();
@@ -149,6 +162,7 @@ impl Pieces {
 /// the torrent unless the file is `trusted` (unchanged since it was verified).
 struct PieceReader {
     file: Arc<std::fs::File>,
+    pool: Arc<Pool>,
     torrent: Arc<BlobTorrent>,
     /// Next byte of the range to send, and the end of the range (exclusive).
     next: u64,
@@ -164,9 +178,11 @@ impl PieceReader {
         start: u64,
         end: u64,
         trusted: bool,
+        pool: Arc<Pool>,
     ) -> Self {
         Self {
             file: Arc::new(file),
+            pool,
             torrent,
             next: start,
             end,
@@ -188,8 +204,9 @@ impl PieceReader {
         let block_start = first * pl;
         let block_end = ((first + pieces) * pl).min(self.torrent.size());
         let (file, torrent, trusted) = (self.file.clone(), self.torrent.clone(), self.trusted);
+        let buf = self.pool.take((block_end - block_start) as usize);
         let read = tokio::task::spawn_blocking(move || {
-            read_pieces(&file, &torrent, block_start, block_end, trusted)
+            read_pieces(&file, &torrent, block_start, trusted, buf)
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -211,20 +228,20 @@ impl PieceReader {
     }
 }
 
-/// Reads `start..end` (whole pieces) of the blob; on a piece that fails its check, or a file
-/// that ends early, the good pieces before it and the error.
+/// Reads whole pieces of the blob from `start` into `buf`; on a piece that fails its check, or
+/// a file that ends early, the good pieces before it and the error.
 fn read_pieces(
     file: &std::fs::File,
     torrent: &BlobTorrent,
     start: u64,
-    end: u64,
     trusted: bool,
+    mut buf: Pooled,
 ) -> Result<Bytes, (Bytes, std::io::Error)> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; (end - start) as usize];
+    let want = buf.as_ref().len();
     let mut got = 0;
-    while got < buf.len() {
-        match file.read_at(&mut buf[got..], start + got as u64) {
+    while got < want {
+        match file.read_at(&mut buf.as_mut()[got..], start + got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -235,7 +252,7 @@ fn read_pieces(
     let first = (start / pl) as usize;
     let mut good = 0;
     let mut failed = None;
-    for (k, piece) in buf[..got].chunks(pl as usize).enumerate() {
+    for (k, piece) in buf.as_ref()[..got].chunks(pl as usize).enumerate() {
         let i = first + k;
         if piece.len() as u64 != torrent.piece_size(i) {
             failed = Some(format!("{} ends inside piece {i}", torrent.digest()));
@@ -250,18 +267,18 @@ fn read_pieces(
         }
         good += piece.len();
     }
-    if failed.is_none() && got < buf.len() {
+    if failed.is_none() && got < want {
         failed = Some(format!(
             "{} ends inside piece {}",
             torrent.digest(),
             first + got / pl as usize
         ));
     }
-    buf.truncate(good);
+    let good = buf.into_bytes().slice(..good);
     match failed {
-        None => Ok(Bytes::from(buf)),
+        None => Ok(good),
         Some(why) => Err((
-            Bytes::from(buf),
+            good,
             std::io::Error::new(std::io::ErrorKind::InvalidData, why),
         )),
     }
@@ -289,7 +306,14 @@ mod tests {
             std::fs::write(&path, data).unwrap();
         }
         let file = std::fs::File::open(&path).unwrap();
-        PieceReader::new(file, torrent, *range.start(), range.end() + 1, trusted)
+        PieceReader::new(
+            file,
+            torrent,
+            *range.start(),
+            range.end() + 1,
+            trusted,
+            Pool::new(1 << 20),
+        )
     }
 
     async fn read_all(mut r: PieceReader) -> (Vec<u8>, Option<std::io::Error>) {
