@@ -382,3 +382,41 @@ async fn a_busy_seed_is_waited_for_not_abandoned() {
         "only the tracker's GET"
     );
 }
+
+/// Clients that ask one proxy for the same blob at the same moment share one swarm download:
+/// each one's bytes come from it, none waits on a download librqbit never fed (two starts of
+/// one torrent once left the second with storage librqbit did not use) and none goes upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_gets_of_one_blob_share_one_download() {
+    let c = cluster(&[8 << 20], &[]).await;
+    let layer = c.image.layers[0].clone();
+    let p = Proxy::start(&[c.tracker.url()], &c.registry.url(), &[])
+        .await
+        .unwrap();
+    let url = format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest);
+    let gets = (0..8).map(|_| {
+        let url = url.clone();
+        async move {
+            let r = http_client()
+                .get(url)
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            bay_common::Digest::sha256_of(&r.bytes().await.unwrap()).to_string()
+        }
+    });
+    for digest in futures::future::join_all(gets).await {
+        assert_eq!(digest, layer.digest);
+    }
+    let s = p.wait_held(1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(s["fallbacks"], 0, "{s}");
+    assert_eq!(s["bytes_from_upstream"], 0, "{s}");
+    assert_eq!(s["swarm_downloads"], 8, "{s}");
+    assert_eq!(
+        c.registry.blob_gets(&layer.digest),
+        1,
+        "only the tracker's fetch"
+    );
+}

@@ -120,6 +120,9 @@ pub struct Blobs {
     access: AccessCache,
     stall_timeout: Duration,
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Downloads being started, one at a time per blob: two clients (or a client and a
+    /// prefetch) starting the same one must not both add it to the session.
+    starting: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     pub metrics: Metrics,
     /// Stops the background work of downloads at shutdown.
     stop: CancellationToken,
@@ -148,6 +151,7 @@ impl Blobs {
             access: AccessCache::default(),
             stall_timeout,
             downloads: Mutex::default(),
+            starting: Mutex::default(),
             metrics: Metrics::default(),
             stop,
             webseed_gate: Arc::default(),
@@ -422,10 +426,30 @@ impl Blobs {
             TrackersError::Refused(r) => Start::Refused(r),
             other => Start::Failed(other.to_string()),
         })?;
+        let start = self
+            .starting
+            .lock()
+            .expect("poisoned")
+            .entry(req.digest.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = start.lock().await;
         // Someone may have started it while we asked the tracker.
         if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
             return Ok(d.clone());
         }
+        let started = self.start_download(req, fetched).await;
+        self.starting.lock().expect("poisoned").remove(&req.digest);
+        started
+    }
+
+    /// Adds a download to the session and starts its web seed and supervisor; one at a time
+    /// per blob (see [`Blobs::download`]).
+    async fn start_download(
+        self: &Arc<Self>,
+        req: &BlobRequest,
+        fetched: Fetched,
+    ) -> Result<Arc<Download>, Start> {
         let torrent = Arc::new(fetched.torrent);
         let landing = Arc::new(Landing::new(
             self.store.tmp_dir().join(torrent.file_name()),

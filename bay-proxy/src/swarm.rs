@@ -23,8 +23,8 @@ use librqbit::api::TorrentIdOrHash;
 use librqbit::dht::Id20;
 use librqbit::storage::BoxStorageFactory;
 use librqbit::{
-    AddTorrent, AddTorrentOptions, ConnectionOptions, ListenerMode, ListenerOptions,
-    ManagedTorrent, PeerConnectionOptions, Session, SessionOptions,
+    AddTorrent, AddTorrentOptions, AddTorrentResponse, ConnectionOptions, ListenerMode,
+    ListenerOptions, ManagedTorrent, PeerConnectionOptions, Session, SessionOptions,
 };
 
 /// Chunks (16 KiB) in flight per connection: one 256 KiB piece.
@@ -133,6 +133,7 @@ impl Swarm {
         storage: Option<BoxStorageFactory>,
     ) -> Result<Handle, SwarmError> {
         let session = self.session.clone();
+        let download = storage.is_some();
         let opts = AddTorrentOptions {
             overwrite: true,
             output_folder: Some(dir.to_string_lossy().into_owned()),
@@ -146,9 +147,17 @@ impl Swarm {
                     .add_torrent(AddTorrent::from_bytes(metainfo), Some(opts))
                     .await
                     .map_err(|e| err(format!("{e:#}")))?;
-                let handle = resp
-                    .into_handle()
-                    .ok_or_else(|| err("librqbit only listed the torrent"))?;
+                let handle = match resp {
+                    AddTorrentResponse::Added(_, h) => h,
+                    // Its storage is another one than ours: what we would read never arrives.
+                    AddTorrentResponse::AlreadyManaged(..) if download => {
+                        return Err(err("the torrent is in the session already"));
+                    }
+                    AddTorrentResponse::AlreadyManaged(_, h) => h,
+                    AddTorrentResponse::ListOnly(_) => {
+                        return Err(err("librqbit only listed the torrent"));
+                    }
+                };
                 tokio::time::timeout(Duration::from_secs(600), handle.wait_until_initialized())
                     .await
                     .map_err(|_| err("initial check timed out"))?
@@ -224,5 +233,44 @@ impl Swarm {
             numwant: Some(0),
             ip: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::landing::{self, Landing, Writer};
+    use bay_common::pool::Pool;
+    use bay_common::torrent::BlobTorrent;
+
+    /// A second download of a torrent already in the session is refused: librqbit would keep
+    /// the first one's storage, and a reader of the second would wait for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_torrent_is_downloaded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+        let torrent =
+            Arc::new(BlobTorrent::from_bytes(bay_common::Digest::sha256_of(&data), &data).unwrap());
+        let meta = Bytes::from(torrent.to_metainfo(&[]));
+        let swarm = Swarm::start(0, dir.path(), vec![], None).await.unwrap();
+        let landing = || {
+            Arc::new(Landing::new(
+                dir.path().join(torrent.file_name()),
+                torrent.clone(),
+                Writer::start().unwrap(),
+                Pool::new(landing::POOL_BYTES),
+            ))
+        };
+        let first = landing();
+        swarm
+            .add_download(meta.clone(), dir.path(), first.storage_factory())
+            .await
+            .unwrap();
+        let second = landing();
+        let again = swarm
+            .add_download(meta, dir.path(), second.storage_factory())
+            .await;
+        assert!(again.is_err(), "added twice");
+        swarm.stop().await;
     }
 }
