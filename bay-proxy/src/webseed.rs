@@ -129,7 +129,16 @@ impl Gate {
         struct SliceWaiting<'a>(&'a Gate);
         impl Drop for SliceWaiting<'_> {
             fn drop(&mut self) {
-                self.0.lock().slices_waiting -= 1;
+                let none_left = {
+                    let mut st = self.0.lock();
+                    st.slices_waiting -= 1;
+                    st.slices_waiting == 0
+                };
+                // A fill may be waiting only for slices: with the last one gone (its download
+                // ended before it got the turn), the turn may be free for it now.
+                if none_left {
+                    self.0.freed.notify_waiters();
+                }
             }
         }
         let _waiting = slice.then(|| {
@@ -940,6 +949,46 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), gate.take(false))
             .await
             .expect("a fill gets the free turn");
+    }
+
+    /// A fill that is already waiting when the last slice run gives up (its download ended
+    /// before it got the turn) is woken: the gate is idle, and nobody else would wake it.
+    #[test]
+    fn a_fill_waiting_on_a_slice_that_leaves_is_woken() {
+        use futures::task::{ArcWake, waker};
+        use std::future::Future;
+        use std::sync::atomic::AtomicBool;
+        use std::task::{Context, Poll};
+
+        struct Flag(AtomicBool);
+        impl ArcWake for Flag {
+            fn wake_by_ref(me: &Arc<Self>) {
+                me.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let gate = Gate::default();
+        let held = futures::executor::block_on(gate.take(false));
+        let fill_woken = Arc::new(Flag(AtomicBool::new(false)));
+        let fill_waker = waker(fill_woken.clone());
+        let mut fill_cx = Context::from_waker(&fill_waker);
+        let noop = futures::task::noop_waker();
+        let mut noop_cx = Context::from_waker(&noop);
+
+        let mut fill = Box::pin(gate.take(false));
+        assert!(fill.as_mut().poll(&mut fill_cx).is_pending());
+        let mut slice = Box::pin(gate.take(true));
+        assert!(slice.as_mut().poll(&mut noop_cx).is_pending());
+        // The turn is freed: the fill looks, sees a slice waiting, and waits again.
+        drop(held);
+        assert!(fill.as_mut().poll(&mut fill_cx).is_pending());
+        fill_woken.0.store(false, Ordering::SeqCst);
+        // The slice run stops waiting without taking the turn.
+        drop(slice);
+        assert!(
+            fill_woken.0.load(Ordering::SeqCst),
+            "the waiting fill was not woken"
+        );
+        assert!(matches!(fill.as_mut().poll(&mut fill_cx), Poll::Ready(_)));
     }
 
     #[test]
