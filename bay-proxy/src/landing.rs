@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 /// Verified pieces kept in memory ahead of a reader: what a client that keeps up with the
 /// swarm takes without reading the file.
-const READ_AHEAD: u64 = 16 << 20;
+const READ_AHEAD: u64 = 4 << 20;
 /// Verified bytes not yet written, past which librqbit's thread writes a piece itself: the
 /// writer is behind (a slow disk), and librqbit is slowed down rather than memory growing.
 const MAX_UNWRITTEN: u64 = 32 << 20;
