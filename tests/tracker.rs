@@ -498,3 +498,131 @@ async fn pieces_by_info_hash_and_no_bittorrent_seed_for_bay_proxies() {
     let other = announce(b"-AR1360-abcdefghijkl").await.unwrap();
     assert_eq!(compact_peers(&other.bytes().await.unwrap()), 1);
 }
+
+/// `/announce?...` for `info_hash`, as a BitTorrent client asks.
+fn announce_url(tracker: &Tracker, info_hash: &[u8; 20], port: u16, left: u64) -> String {
+    let hash: String = info_hash.iter().map(|b| format!("%{b:02X}")).collect();
+    let peer_id: String = (0..20)
+        .map(|i| format!("%{:02X}", (port as usize + i) as u8))
+        .collect();
+    format!(
+        "{}/announce?info_hash={hash}&peer_id={peer_id}&port={port}&uploaded=0&downloaded={}\
+         &left={left}&compact=1",
+        tracker.url(),
+        100 - left.min(100)
+    )
+}
+
+fn vm_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A flood of announces for made-up info hashes and ports: the tracker's memory stays flat
+/// (swarms it did not make live in a small bounded set) and a real swarm is still answered
+/// at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_announce_flood_leaves_memory_flat_and_real_swarms_answered() {
+    let (registry, image, tracker) = setup(&[300_000], &[]).await;
+    let layer = &image.layers[0];
+    let bytes = http_client()
+        .get(torrent_url(&tracker, &registry, "test/img", &layer.digest))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let real = BlobTorrent::from_metainfo(&bytes).unwrap().info_hash().0;
+    let pid = tracker.pid().unwrap();
+    let flood = |rounds: u32| {
+        let tasks = (0..8u32).map(|t| {
+            let urls: Vec<String> = (0..rounds / 8)
+                .map(|i| {
+                    let hash: [u8; 20] = rand::random();
+                    announce_url(&tracker, &hash, ((t * rounds + i) % 60_000 + 1) as u16, 100)
+                })
+                .collect();
+            async move {
+                let client = http_client();
+                for url in urls {
+                    let r = client.get(url).send().await.unwrap();
+                    assert_eq!(r.status(), StatusCode::OK);
+                    r.bytes().await.unwrap();
+                }
+            }
+        });
+        futures::future::join_all(tasks)
+    };
+    flood(20_000).await;
+    let after_some = vm_rss(pid);
+    flood(40_000).await;
+    let after_more = vm_rss(pid);
+    eprintln!(
+        "tracker RSS after 20,000 made-up announces {} MiB, after 60,000 {} MiB",
+        after_some >> 20,
+        after_more >> 20
+    );
+    assert!(
+        after_more <= after_some + (8 << 20),
+        "memory grew from {after_some} to {after_more} bytes"
+    );
+    let stats: serde_json::Value = http_client()
+        .get(format!("{}/v1/stats", tracker.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(stats["swarms"].as_u64().unwrap() <= 4_097, "{stats}");
+
+    // The real torrent: a seed, then a leecher with pieces that is handed that seed.
+    let started = std::time::Instant::now();
+    http_client()
+        .get(announce_url(&tracker, &real, 40_001, 0))
+        .send()
+        .await
+        .unwrap();
+    let answer = http_client()
+        .get(announce_url(&tracker, &real, 40_002, 50))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "a real announce took {took:?}"
+    );
+    let ports = compact_peer_ports(&answer);
+    assert!(
+        ports.contains(&40_001),
+        "the leecher was not handed the seed: {ports:?} in {answer:?}"
+    );
+}
+
+/// The ports of the compact `peers` of a bencoded announce answer.
+fn compact_peer_ports(answer: &[u8]) -> Vec<u16> {
+    let at = answer
+        .windows(7)
+        .position(|w| w == b"5:peers")
+        .expect("no peers key")
+        + 7;
+    let colon = at + answer[at..].iter().position(|b| *b == b':').unwrap();
+    let len: usize = std::str::from_utf8(&answer[at..colon])
+        .unwrap()
+        .parse()
+        .unwrap();
+    answer[colon + 1..colon + 1 + len]
+        .chunks(6)
+        .map(|p| u16::from_be_bytes([p[4], p[5]]))
+        .collect()
+}

@@ -1,14 +1,15 @@
 //! Swarm state and the peer hand-out policy of the announce endpoint.
 //!
 //! The policy is what makes simultaneous librqbit leechers trade pieces
-//! (`notes/librqbit-workaround.md`, "A"): a leecher that has nothing yet is handed only seeds,
+//! (`docs/swarming.md`): a leecher that has nothing yet is handed only seeds,
 //! and meets other leechers only once both have pieces. librqbit sends no bitfield while it has
 //! nothing, and then never sends HAVEs on that connection, so two peers that meet empty never
 //! learn what the other gets. Leechers are asked to re-announce every second so they meet
 //! each other as soon as they have something; seeds every minute.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use bay_common::announce::{
     AnnounceRequest, AnnounceResponse, Event, InfoHash, PeerId, ScrapeEntry,
 };
 use bay_common::api::Slot;
+use lru::LruCache;
 use rand::seq::{IndexedRandom, SliceRandom};
 
 pub const LEECHER_INTERVAL: Duration = Duration::from_secs(1);
@@ -25,9 +27,21 @@ const MISSED_INTERVALS: u32 = 3;
 const EXPIRY_SLACK: Duration = Duration::from_secs(10);
 pub const DEFAULT_NUMWANT: usize = 50;
 pub const MAX_NUMWANT: usize = 200;
-/// Bounds on memory an announcer can make us spend.
+/// Bounds on memory an announcer can make us spend. Swarms of torrents this tracker made (it
+/// holds their blobs) are bounded by what it holds and by these.
 const MAX_SWARMS: usize = 100_000;
 const MAX_PEERS_PER_SWARM: usize = 10_000;
+/// Swarms of torrents this tracker did not make: every proxy announces to every tracker, so
+/// with several trackers most swarms are of torrents another one made, and anyone can make up
+/// an info hash. They live in a small set where the least recently announced goes first, so a
+/// flood of made-up hashes churns that set and costs nothing else.
+const MAX_FOREIGN_SWARMS: usize = 4_096;
+const MAX_FOREIGN_PEERS: usize = 256;
+/// Peers one IP address may have in one swarm: several proxies on one machine share an
+/// address, one client making up ports does not fill a swarm.
+pub const MAX_PEERS_PER_IP: usize = 64;
+/// Most peers looked at to fill one answer: sampling stays O(numwant) in any swarm.
+const SAMPLE_LOOKS_PER_PEER: usize = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SwarmError {
@@ -35,6 +49,8 @@ pub enum SwarmError {
     TooManySwarms,
     #[error("swarm is full")]
     SwarmFull,
+    #[error("too many peers from {0} in this swarm")]
+    TooManyFromIp(IpAddr),
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +86,8 @@ struct PeerTable {
     leechers: Vec<(SocketAddr, Peer)>,
     /// Where each peer is: (in `seeds`?, position).
     at: HashMap<SocketAddr, (bool, usize)>,
+    /// Peers per IP address.
+    per_ip: HashMap<IpAddr, usize>,
 }
 
 impl PeerTable {
@@ -89,6 +107,10 @@ impl PeerTable {
         self.at.contains_key(addr)
     }
 
+    fn peers_at(&self, ip: &IpAddr) -> usize {
+        self.per_ip.get(ip).copied().unwrap_or(0)
+    }
+
     fn pool(&mut self, seed: bool) -> &mut Vec<(SocketAddr, Peer)> {
         if seed {
             &mut self.seeds
@@ -106,11 +128,18 @@ impl PeerTable {
         pool.push((addr, peer));
         let i = pool.len() - 1;
         self.at.insert(addr, (seed, i));
+        *self.per_ip.entry(addr.ip()).or_default() += 1;
         old
     }
 
     fn remove(&mut self, addr: &SocketAddr) -> Option<Peer> {
         let (seed, i) = self.at.remove(addr)?;
+        if let Some(n) = self.per_ip.get_mut(&addr.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&addr.ip());
+            }
+        }
         let pool = self.pool(seed);
         let (_, peer) = pool.swap_remove(i);
         if let Some((moved, _)) = pool.get(i) {
@@ -133,9 +162,10 @@ impl PeerTable {
         }
     }
 
-    /// Up to `room` distinct peers, uniformly at random among those `eligible`, seeds only
-    /// unless `leechers_too`. Random probes find them in O(room) when most peers qualify; a
-    /// full pass finishes the job when few do.
+    /// Up to `room` distinct peers, at random among those `eligible`, seeds only unless
+    /// `leechers_too`. Random probes find them when most peers qualify; when few do, a pass over
+    /// at most [`SAMPLE_LOOKS_PER_PEER`] × `room` peers from a random place finishes the job, so
+    /// an answer costs O(room) however big the swarm.
     fn sample(
         &self,
         room: usize,
@@ -163,36 +193,93 @@ impl PeerTable {
                 }
             }
         }
-        // Few qualify (or the swarm is small): take a uniform sample of all that do.
-        let all: Vec<SocketAddr> = (0..n)
-            .map(nth)
-            .filter(|(a, p)| eligible(a, p))
+        // Few qualify (or the swarm is small): a sample of those in a stretch of the swarm, all
+        // of it when it is small.
+        let looks = n.min(SAMPLE_LOOKS_PER_PEER * room);
+        let from = if looks < n { rng.random_range(0..n) } else { 0 };
+        let found: Vec<SocketAddr> = (0..looks)
+            .map(|k| nth((from + k) % n))
+            .filter(|(a, p)| eligible(a, p) && !picked.contains(a))
             .map(|(a, _)| *a)
             .collect();
-        all.choose_multiple(rng, room).copied().collect()
+        let more = room - picked.len();
+        picked.extend(found.choose_multiple(rng, more).copied());
+        picked
     }
 }
 
-#[derive(Default)]
 pub struct Swarms {
-    inner: Mutex<HashMap<InfoHash, Swarm>>,
+    inner: Mutex<Tables>,
+}
+
+struct Tables {
+    /// Torrents this tracker made.
+    made: HashMap<InfoHash, Swarm>,
+    /// Others, least recently announced first out.
+    foreign: LruCache<InfoHash, Swarm>,
+}
+
+impl Default for Swarms {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Tables {
+                made: HashMap::new(),
+                foreign: LruCache::new(NonZeroUsize::new(MAX_FOREIGN_SWARMS).expect("not 0")),
+            }),
+        }
+    }
+}
+
+impl Tables {
+    /// The swarm of a torrent, made here (`made`) or not, created if need be.
+    fn swarm(
+        &mut self,
+        info_hash: InfoHash,
+        made: bool,
+    ) -> Result<(&mut Swarm, usize), SwarmError> {
+        if made {
+            if !self.made.contains_key(&info_hash) {
+                if self.made.len() >= MAX_SWARMS {
+                    return Err(SwarmError::TooManySwarms);
+                }
+                // Held here now (fetched since peers first announced it): keep its peers.
+                let was = self.foreign.pop(&info_hash).unwrap_or_default();
+                self.made.insert(info_hash, was);
+            }
+            let s = self.made.get_mut(&info_hash).expect("just ensured");
+            return Ok((s, MAX_PEERS_PER_SWARM));
+        }
+        let s = self.foreign.get_or_insert_mut(info_hash, Swarm::default);
+        Ok((s, MAX_FOREIGN_PEERS))
+    }
+
+    fn get(&self, info_hash: &InfoHash) -> Option<&Swarm> {
+        self.made
+            .get(info_hash)
+            .or_else(|| self.foreign.peek(info_hash))
+    }
+
+    fn remove(&mut self, info_hash: &InfoHash) {
+        if self.made.remove(info_hash).is_none() {
+            self.foreign.pop(info_hash);
+        }
+    }
 }
 
 impl Swarms {
     /// Records an announce from `peer` and chooses the peers to hand back. `own_seed` is the
-    /// tracker's own seed for torrents it holds.
+    /// tracker's own seed for torrents it holds; `made` says whether this tracker made the
+    /// torrent (holds its blob), which decides the bounds its swarm lives under.
     pub fn announce(
         &self,
         req: &AnnounceRequest,
         peer: SocketAddr,
         own_seed: Option<SocketAddr>,
+        made: bool,
         now: Instant,
     ) -> Result<AnnounceResponse, SwarmError> {
-        let mut swarms = self.inner.lock().expect("swarms poisoned");
-        if !swarms.contains_key(&req.info_hash) && swarms.len() >= MAX_SWARMS {
-            return Err(SwarmError::TooManySwarms);
-        }
-        let swarm = swarms.entry(req.info_hash).or_default();
+        let mut tables = self.inner.lock().expect("swarms poisoned");
+        let (swarm, max_peers) = tables.swarm(req.info_hash, made)?;
         let left = if req.event == Some(Event::Completed) {
             0
         } else {
@@ -206,8 +293,13 @@ impl Swarms {
         if req.event == Some(Event::Stopped) {
             swarm.peers.remove(&peer);
         } else {
-            if !swarm.peers.contains(&peer) && swarm.peers.len() >= MAX_PEERS_PER_SWARM {
-                return Err(SwarmError::SwarmFull);
+            if !swarm.peers.contains(&peer) {
+                if swarm.peers.len() >= max_peers {
+                    return Err(SwarmError::SwarmFull);
+                }
+                if swarm.peers.peers_at(&peer.ip()) >= MAX_PEERS_PER_IP {
+                    return Err(SwarmError::TooManyFromIp(peer.ip()));
+                }
             }
             let me = Peer {
                 peer_id: req.peer_id,
@@ -262,7 +354,7 @@ impl Swarms {
         let complete = seeds + own_seed.is_some() as u32;
         let incomplete = swarm.peers.len() as u32 - seeds;
         if swarm.peers.is_empty() {
-            swarms.remove(&req.info_hash);
+            tables.remove(&req.info_hash);
         }
         Ok(AnnounceResponse {
             interval: interval.as_secs() as u32,
@@ -275,8 +367,8 @@ impl Swarms {
 
     /// Live seeds of a torrent (peers that announced they hold it all).
     pub fn seeds(&self, info_hash: &InfoHash, now: Instant) -> u32 {
-        let swarms = self.inner.lock().expect("swarms poisoned");
-        swarms.get(info_hash).map_or(0, |s| {
+        let tables = self.inner.lock().expect("swarms poisoned");
+        tables.get(info_hash).map_or(0, |s| {
             s.peers
                 .seeds
                 .iter()
@@ -290,11 +382,11 @@ impl Swarms {
         hashes: &[InfoHash],
         held: impl Fn(&InfoHash) -> bool,
     ) -> Vec<(InfoHash, ScrapeEntry)> {
-        let swarms = self.inner.lock().expect("swarms poisoned");
+        let tables = self.inner.lock().expect("swarms poisoned");
         hashes
             .iter()
             .map(|h| {
-                let s = swarms.get(h);
+                let s = tables.get(h);
                 let seeds = s.map_or(0, |s| s.peers.seeds());
                 let total = s.map_or(0, |s| s.peers.len());
                 (
@@ -311,25 +403,41 @@ impl Swarms {
 
     /// Forgets peers that stopped announcing (librqbit never sends `stopped`).
     pub fn expire(&self, now: Instant) {
-        let mut swarms = self.inner.lock().expect("swarms poisoned");
-        swarms.retain(|_, s| {
+        let mut tables = self.inner.lock().expect("swarms poisoned");
+        tables.made.retain(|_, s| {
             s.peers.retain(|p| p.expires > now);
             !s.peers.is_empty()
         });
+        let mut empty = Vec::new();
+        for (h, s) in tables.foreign.iter_mut() {
+            s.peers.retain(|p| p.expires > now);
+            if s.peers.is_empty() {
+                empty.push(*h);
+            }
+        }
+        for h in empty {
+            tables.foreign.pop(&h);
+        }
     }
 
     /// (swarms, peers) tracked.
     pub fn usage(&self) -> (u64, u64) {
-        let swarms = self.inner.lock().expect("swarms poisoned");
+        let tables = self.inner.lock().expect("swarms poisoned");
+        let all = || {
+            tables
+                .made
+                .values()
+                .chain(tables.foreign.iter().map(|(_, s)| s))
+        };
         (
-            swarms.len() as u64,
-            swarms.values().map(|s| s.peers.len() as u64).sum(),
+            all().count() as u64,
+            all().map(|s| s.peers.len() as u64).sum(),
         )
     }
 }
 
-/// Hands each leecher of a torrent a distinct slice to prioritise (the "B" of
-/// `notes/librqbit-workaround.md`: distinct slices are needed, random ones swarm badly).
+/// Hands each leecher of a torrent a distinct slice to prioritise (`docs/swarming.md`:
+/// distinct slices are needed, random ones swarm badly).
 /// Leechers get indices in arrival order; index i starts at the van der Corput point of i
 /// (0, ½, ¼, ¾, ⅛, …), so slices stay balanced however many arrive, and each slice ends where
 /// the next live leecher's begins. Leechers ask again every second; those that stop asking
@@ -433,9 +541,12 @@ mod tests {
         let s = Swarms::default();
         let now = Instant::now();
         let seed = addr(1);
-        s.announce(&req(1, 0, 100), seed, None, now).unwrap();
-        s.announce(&req(2, 100, 0), addr(2), None, now).unwrap();
-        let r = s.announce(&req(3, 100, 0), addr(3), None, now).unwrap();
+        s.announce(&req(1, 0, 100), seed, None, true, now).unwrap();
+        s.announce(&req(2, 100, 0), addr(2), None, true, now)
+            .unwrap();
+        let r = s
+            .announce(&req(3, 100, 0), addr(3), None, true, now)
+            .unwrap();
         assert_eq!(
             r.peers,
             vec![seed],
@@ -444,12 +555,15 @@ mod tests {
         assert_eq!(r.interval, 1);
         assert_eq!((r.complete, r.incomplete), (1, 2));
         // Once 2 and 3 have pieces they meet.
-        s.announce(&req(2, 50, 50), addr(2), None, now).unwrap();
-        let mut r = s.announce(&req(3, 60, 40), addr(3), None, now).unwrap();
+        s.announce(&req(2, 50, 50), addr(2), None, true, now)
+            .unwrap();
+        let mut r = s
+            .announce(&req(3, 60, 40), addr(3), None, true, now)
+            .unwrap();
         r.peers.sort();
         assert_eq!(r.peers, vec![seed, addr(2)]);
         // A seed is told to come back in a minute and handed nobody.
-        let r = s.announce(&req(1, 0, 100), seed, None, now).unwrap();
+        let r = s.announce(&req(1, 0, 100), seed, None, true, now).unwrap();
         assert!(r.peers.is_empty());
         assert_eq!(r.interval, 60);
     }
@@ -464,23 +578,33 @@ mod tests {
             r
         };
         for p in [10, 11, 12] {
-            s.announce(&bay(p, 50, 50), addr(p), None, now).unwrap();
+            s.announce(&bay(p, 50, 50), addr(p), None, true, now)
+                .unwrap();
         }
-        s.announce(&bay(20, 0, 100), addr(20), None, now).unwrap();
+        s.announce(&bay(20, 0, 100), addr(20), None, true, now)
+            .unwrap();
         let handed = |r: AnnounceResponse| {
             let mut p = r.peers;
             p.sort();
             p
         };
-        let low = s.announce(&bay(10, 50, 50), addr(10), None, now).unwrap();
+        let low = s
+            .announce(&bay(10, 50, 50), addr(10), None, true, now)
+            .unwrap();
         assert_eq!(handed(low), vec![addr(11), addr(12), addr(20)]);
         // The highest bay leecher connects to nobody but the seed: the others connect to it.
-        let high = s.announce(&bay(12, 50, 50), addr(12), None, now).unwrap();
+        let high = s
+            .announce(&bay(12, 50, 50), addr(12), None, true, now)
+            .unwrap();
         assert_eq!(handed(high), vec![addr(20)]);
         // Other clients are handed everyone, and are handed to everyone.
-        let other = s.announce(&req(15, 50, 50), addr(15), None, now).unwrap();
+        let other = s
+            .announce(&req(15, 50, 50), addr(15), None, true, now)
+            .unwrap();
         assert_eq!(handed(other), vec![addr(10), addr(11), addr(12), addr(20)]);
-        let high = s.announce(&bay(12, 50, 50), addr(12), None, now).unwrap();
+        let high = s
+            .announce(&bay(12, 50, 50), addr(12), None, true, now)
+            .unwrap();
         assert_eq!(handed(high), vec![addr(15), addr(20)]);
     }
 
@@ -490,15 +614,16 @@ mod tests {
         let now = Instant::now();
         let own = SocketAddr::from(([127, 0, 0, 9], 6881));
         for p in 10..40 {
-            s.announce(&req(p, 0, 1), addr(p), Some(own), now).unwrap();
+            s.announce(&req(p, 0, 1), addr(p), Some(own), true, now)
+                .unwrap();
         }
         let mut r = req(2, 100, 0);
         r.numwant = Some(5);
-        let a = s.announce(&r, addr(2), Some(own), now).unwrap();
+        let a = s.announce(&r, addr(2), Some(own), true, now).unwrap();
         assert_eq!(a.peers.len(), 5);
         assert_eq!(a.peers[0], own);
         r.numwant = Some(1_000_000_000);
-        let a = s.announce(&r, addr(2), Some(own), now).unwrap();
+        let a = s.announce(&r, addr(2), Some(own), true, now).unwrap();
         assert_eq!(a.peers.len(), 31);
         assert_eq!(a.complete, 31);
     }
@@ -508,13 +633,16 @@ mod tests {
         let s = Swarms::default();
         let now = Instant::now();
         let own = SocketAddr::from(([127, 0, 0, 9], 6881));
+        // Spread over addresses: one address may have only MAX_PEERS_PER_IP peers in a swarm.
+        let far = |p: u16| SocketAddr::from(([10, (p >> 8) as u8, p as u8, 1], p));
         for p in 1000..4000 {
-            s.announce(&req(p, 0, 1), addr(p), Some(own), now).unwrap();
+            s.announce(&req(p, 0, 1), far(p), Some(own), true, now)
+                .unwrap();
         }
         let mut hits = std::collections::HashMap::<SocketAddr, u32>::new();
         for _ in 0..200 {
             let a = s
-                .announce(&req(9, 100, 0), addr(9), Some(own), now)
+                .announce(&req(9, 100, 0), addr(9), Some(own), true, now)
                 .unwrap();
             assert_eq!(a.peers.len(), DEFAULT_NUMWANT);
             assert_eq!(a.peers[0], own);
@@ -537,7 +665,7 @@ mod tests {
         let mut none = req(9, 100, 0);
         none.numwant = Some(0);
         assert!(
-            s.announce(&none, addr(9), Some(own), now)
+            s.announce(&none, addr(9), Some(own), true, now)
                 .unwrap()
                 .peers
                 .is_empty()
@@ -577,6 +705,7 @@ mod tests {
                 }
             }
             assert_eq!(table.len(), model.len(), "step {step}");
+            assert_eq!(table.per_ip.values().sum::<usize>(), table.len());
             assert_eq!(
                 table.seeds(),
                 model.values().filter(|p| p.is_seed()).count()
@@ -593,24 +722,92 @@ mod tests {
     fn stopped_and_expired_peers_leave() {
         let s = Swarms::default();
         let now = Instant::now();
-        s.announce(&req(1, 0, 1), addr(1), None, now).unwrap();
-        s.announce(&req(2, 10, 0), addr(2), None, now).unwrap();
+        s.announce(&req(1, 0, 1), addr(1), None, true, now).unwrap();
+        s.announce(&req(2, 10, 0), addr(2), None, true, now)
+            .unwrap();
         let mut stop = req(1, 0, 1);
         stop.event = Some(Event::Stopped);
-        s.announce(&stop, addr(1), None, now).unwrap();
-        let r = s.announce(&req(2, 10, 0), addr(2), None, now).unwrap();
+        s.announce(&stop, addr(1), None, true, now).unwrap();
+        let r = s
+            .announce(&req(2, 10, 0), addr(2), None, true, now)
+            .unwrap();
         assert!(r.peers.is_empty());
         assert_eq!(s.usage(), (1, 1));
         s.expire(now + Duration::from_secs(3600));
         assert_eq!(s.usage(), (0, 0));
     }
 
+    fn random_hash(rng: &mut impl rand::Rng) -> InfoHash {
+        InfoHash(rng.random())
+    }
+
+    #[test]
+    fn a_flood_of_made_up_torrents_stays_bounded_and_real_swarms_work() {
+        let s = Swarms::default();
+        let now = Instant::now();
+        let mut rng = rand::rng();
+        // A real swarm: a seed, announced to the tracker that made the torrent.
+        s.announce(&req(1, 0, 100), addr(1), None, true, now)
+            .unwrap();
+        for i in 0..50_000u32 {
+            let mut r = req(2, 100, 0);
+            r.info_hash = random_hash(&mut rng);
+            r.port = (i % 60_000) as u16 + 1;
+            s.announce(&r, addr(r.port), None, false, now).unwrap();
+        }
+        let (swarms, peers) = s.usage();
+        assert!(swarms <= 1 + MAX_FOREIGN_SWARMS as u64, "{swarms} swarms");
+        assert!(peers <= 1 + MAX_FOREIGN_SWARMS as u64, "{peers} peers");
+        // The real swarm is untouched: a leecher with pieces still meets the seed.
+        let r = s
+            .announce(&req(3, 50, 50), addr(3), None, true, now)
+            .unwrap();
+        assert_eq!(r.peers, vec![addr(1)]);
+        // A torrent another tracker made: tracked too (proxies announce to every tracker), and
+        // moved among the made ones once this tracker holds its blob.
+        let mut other = req(4, 0, 100);
+        other.info_hash = InfoHash([9; 20]);
+        s.announce(&other, addr(4), None, false, now).unwrap();
+        let mut leecher = req(5, 50, 50);
+        leecher.info_hash = other.info_hash;
+        let r = s.announce(&leecher, addr(5), None, true, now).unwrap();
+        assert_eq!(r.peers, vec![addr(4)]);
+    }
+
+    #[test]
+    fn one_address_cannot_fill_a_swarm() {
+        let s = Swarms::default();
+        let now = Instant::now();
+        let ip = |last: u8, port: u16| SocketAddr::from(([10, 0, 0, last], port));
+        for port in 1..=MAX_PEERS_PER_IP as u16 {
+            s.announce(&req(port, 10, 1), ip(1, port), None, true, now)
+                .unwrap();
+        }
+        let more = s.announce(&req(999, 10, 1), ip(1, 999), None, true, now);
+        assert_eq!(more.unwrap_err(), SwarmError::TooManyFromIp(ip(1, 0).ip()));
+        // Known peers of that address still announce; other addresses still get in.
+        s.announce(&req(1, 0, 11), ip(1, 1), None, true, now)
+            .unwrap();
+        let r = s
+            .announce(&req(7, 10, 1), ip(2, 7), None, true, now)
+            .unwrap();
+        assert!(!r.peers.is_empty());
+        // One that leaves makes room.
+        let mut stop = req(2, 10, 1);
+        stop.event = Some(Event::Stopped);
+        s.announce(&stop, ip(1, 2), None, true, now).unwrap();
+        s.announce(&req(999, 10, 1), ip(1, 999), None, true, now)
+            .unwrap();
+    }
+
     #[test]
     fn completion_is_counted_for_scrape() {
         let s = Swarms::default();
         let now = Instant::now();
-        s.announce(&req(2, 10, 0), addr(2), None, now).unwrap();
-        s.announce(&req(2, 0, 10), addr(2), None, now).unwrap();
+        s.announce(&req(2, 10, 0), addr(2), None, true, now)
+            .unwrap();
+        s.announce(&req(2, 0, 10), addr(2), None, true, now)
+            .unwrap();
         let e = s.scrape(&[InfoHash([7; 20]), InfoHash([8; 20])], |_| false);
         assert_eq!(
             (e[0].1.complete, e[0].1.downloaded, e[0].1.incomplete),

@@ -215,10 +215,13 @@ async fn announce(
         .inc();
     // bay-proxies take the tracker's pieces over HTTP (`crate::pieces`), in an order they
     // choose; handed the BitTorrent seed too, librqbit would ask it for everything in turn.
-    let held = state.blobs.store.holds(&req.info_hash) && !req.peer_id.is_bay();
-    let own_seed = held.then(|| own_seed(&state, conn.local));
+    let made = state.blobs.store.holds(&req.info_hash);
+    let own_seed = (made && !req.peer_id.is_bay()).then(|| own_seed(&state, conn.local));
     let peer = peer_addr(conn.remote, req.port);
-    match state.swarms.announce(&req, peer, own_seed, Instant::now()) {
+    match state
+        .swarms
+        .announce(&req, peer, own_seed, made, Instant::now())
+    {
         Ok(resp) => bencoded(resp.encode(req.compact)),
         Err(e) => bencoded(announce::failure(&e.to_string())),
     }
@@ -258,6 +261,15 @@ async fn slot(
     };
     if q.port == 0 {
         return bad("port must be 1-65535".into());
+    }
+    // Slices are handed out by a tracker that holds the blob (the one serving its pieces), so
+    // made-up info hashes cost nothing here; a proxy asks the next tracker.
+    if !state.blobs.store.holds(&ih) {
+        return crate::error::json_error(
+            StatusCode::NOT_FOUND,
+            bay_common::api::ErrorCode::BlobUnknown,
+            format!("{} is not held here", ih.to_hex()),
+        );
     }
     let now = Instant::now();
     match state.slots.slot(ih, peer_addr(conn.remote, q.port), now) {
