@@ -7,6 +7,20 @@ pub fn parse_registry(s: &str) -> Result<Registry, String> {
     s.parse().map_err(|e| format!("{e}"))
 }
 
+/// Parses a positive number of seconds (`30`, `2.5`), at most a day.
+pub fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
+        return Err(format!(
+            "{s:?}: must be more than 0 and at most 86400 seconds"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 /// Parses `1234`, `64K`, `512M`, `50G`, `2T` (binary multiples; an optional `iB`/`B` suffix).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -39,6 +53,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_seconds("30").unwrap().as_secs(), 30);
+        assert_eq!(parse_seconds(" 2.5 ").unwrap().as_millis(), 2500);
+        for bad in ["0", "-1", "soon", "inf", "NaN", "1e9"] {
+            let e = parse_seconds(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
 
     #[test]
     fn sizes() {

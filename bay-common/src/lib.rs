@@ -6,6 +6,7 @@ pub mod announce;
 pub mod api;
 pub mod digest;
 pub mod flags;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod pool;

@@ -123,6 +123,8 @@ pub struct Blobs {
     /// Downloads being started, one at a time per blob: two clients (or a client and a
     /// prefetch) starting the same one must not both add it to the session.
     starting: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Manifests whose blobs are being prefetched.
+    prefetching: Mutex<std::collections::HashSet<Digest>>,
     pub metrics: Metrics,
     /// Stops the background work of downloads at shutdown.
     stop: CancellationToken,
@@ -152,6 +154,7 @@ impl Blobs {
             stall_timeout,
             downloads: Mutex::default(),
             starting: Mutex::default(),
+            prefetching: Mutex::default(),
             metrics: Metrics::default(),
             stop,
             webseed_gate: Arc::default(),
@@ -195,8 +198,12 @@ impl Blobs {
             )
             .await?;
 
-        // 2. Held locally: serve from disk.
-        if let Some(t) = self.store.get(&req.digest) {
+        // 2. Held locally: serve from disk. A part of a file that changed since it was
+        // verified is not sent before the whole file is checked again (a whole blob is checked
+        // on the way out); one that fails is dropped and fetched again below.
+        if let Some(t) = self.store.get(&req.digest)
+            && (range.is_none() || self.cached_file_intact(&req.digest).await)
+        {
             *how = outcome::CACHE_HIT;
             tracing::debug!(size = t.size(), "serving blob from cache");
             return self.serve_file(&req, t.size(), range).await;
@@ -206,6 +213,12 @@ impl Blobs {
         let download = match self.download(&req).await {
             Ok(d) => Some(d),
             Err(Start::Refused(r)) => return Err(ProxyError::Refused(r)),
+            // The tracker already waited on upstream for this blob: the client hears why now
+            // rather than after a second wait on the same registry.
+            Err(Start::UpstreamFailed { status, why }) => {
+                tracing::warn!("{why}");
+                return Err(ProxyError::UpstreamViaTracker { status, why });
+            }
             Err(Start::Failed(why)) => {
                 tracing::warn!("swarm unavailable, streaming from upstream: {why}");
                 None
@@ -316,13 +329,21 @@ impl Blobs {
     ///   with every layer in flight at once has uneven piece times, and librqbit then takes
     ///   pieces over from "slow" peers and fetches them again (same setup, warm: 33 % → 19 %
     ///   of piece bytes fetched twice, 1.80 → 1.51 T*).
+    ///
+    /// One prefetch per manifest runs at a time, and at most [`MAX_PREFETCHES`] in all: N
+    /// clients getting one tag at once would otherwise each walk its layers.
     pub fn prefetch(
         self: &Arc<Self>,
+        manifest: &Digest,
         registry: &Registry,
         name: &RepositoryName,
         digests: Vec<Digest>,
         authorization: Option<HeaderValue>,
     ) {
+        let Some(running) = PrefetchGuard::enter(self, manifest) else {
+            tracing::debug!(manifest = %manifest, "not prefetching: already running, or too many are");
+            return;
+        };
         let wanted: Vec<BlobRequest> = digests
             .into_iter()
             .filter(|d| !self.held_or_running(d))
@@ -338,7 +359,9 @@ impl Blobs {
         }
         let this = self.clone();
         let reqs = wanted.clone();
+        let guard = running.clone();
         tokio::spawn(async move {
+            let _running = guard;
             for req in &reqs {
                 if this.stop.is_cancelled() {
                     return;
@@ -356,6 +379,7 @@ impl Blobs {
         });
         let this = self.clone();
         tokio::spawn(async move {
+            let _running = running;
             for req in wanted {
                 if this.stop.is_cancelled() {
                     return;
@@ -380,7 +404,10 @@ impl Blobs {
                                 this.metrics.prefetches.inc();
                                 d
                             }
-                            Err(_) => return, // logged by the first pass
+                            Err(e) => {
+                                tracing::debug!(digest = %req.digest, "prefetch stopped: {e}");
+                                return;
+                            }
                         }
                     }
                 };
@@ -424,6 +451,10 @@ impl Blobs {
         }
         let fetched = self.torrent_for(req).await.map_err(|e| match e {
             TrackersError::Refused(r) => Start::Refused(r),
+            TrackersError::UpstreamFailed { status, .. } => Start::UpstreamFailed {
+                status,
+                why: e.to_string(),
+            },
             other => Start::Failed(other.to_string()),
         })?;
         let start = self
@@ -689,6 +720,28 @@ impl Blobs {
         true
     }
 
+    /// Whether a cached blob's file is as verified: unchanged since (one `stat`), or hashed
+    /// again now and found right. One that fails is discarded.
+    async fn cached_file_intact(&self, digest: &Digest) -> bool {
+        let path = self.store.blob_path(digest);
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if self.store.unchanged_since_verified(digest, &meta) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        match verify_digest(&path, digest).await {
+            Ok(()) => {
+                self.store.restamp(digest);
+                true
+            }
+            Err(e) => {
+                tracing::error!(digest = %digest, "cached blob changed on disk and no longer matches: {e}");
+                self.discard(digest).await;
+                false
+            }
+        }
+    }
+
     /// Drops a cached blob whose file no longer matches its digest.
     async fn discard(&self, digest: &Digest) {
         let Some(t) = self.store.remove(digest) else {
@@ -897,7 +950,55 @@ impl Blobs {
 
 enum Start {
     Refused(Box<bay_common::upstream::Refusal>),
+    /// A tracker tried upstream for the blob and failed (502, 504).
+    UpstreamFailed {
+        status: StatusCode,
+        why: String,
+    },
     Failed(String),
+}
+
+impl std::fmt::Display for Start {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Start::Refused(r) => write!(f, "upstream refused: {}", r.status),
+            Start::UpstreamFailed { why, .. } => f.write_str(why),
+            Start::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Prefetches running at once, at most.
+const MAX_PREFETCHES: usize = 4;
+
+/// A running prefetch of a manifest's blobs, until both its tasks end.
+struct PrefetchGuard {
+    blobs: Arc<Blobs>,
+    manifest: Digest,
+}
+
+impl PrefetchGuard {
+    fn enter(blobs: &Arc<Blobs>, manifest: &Digest) -> Option<Arc<PrefetchGuard>> {
+        let mut running = blobs.prefetching.lock().expect("poisoned");
+        if running.contains(manifest) || running.len() >= MAX_PREFETCHES {
+            return None;
+        }
+        running.insert(manifest.clone());
+        Some(Arc::new(PrefetchGuard {
+            blobs: blobs.clone(),
+            manifest: manifest.clone(),
+        }))
+    }
+}
+
+impl Drop for PrefetchGuard {
+    fn drop(&mut self) {
+        self.blobs
+            .prefetching
+            .lock()
+            .expect("poisoned")
+            .remove(&self.manifest);
+    }
 }
 
 /// (bytes from the trackers, bytes from other peers) of a torrent so far.
@@ -1184,23 +1285,36 @@ impl VerifyingBody {
         self.held.take().map(Ok)
     }
 
-    /// Moves a verified upstream download into the cache and seeds it.
-    async fn commit(&mut self, mut tee: Tee) {
-        let Some(mut file) = tee.file.take() else {
-            return;
-        };
-        if file.flush().await.is_err() {
-            return;
+    /// Moves a verified upstream download into the cache and seeds it. A failure costs only
+    /// the caching (the client got the verified blob): it is logged with its cause and counted
+    /// (`bay_cache_commit_failures_total`).
+    async fn commit(&mut self, tee: Tee) {
+        if let Err(why) = self.try_commit(tee).await {
+            tracing::warn!(digest = %self.digest, "verified blob from upstream not cached: {why}");
+            self.blobs.metrics.commit_failures.inc();
         }
+    }
+
+    async fn try_commit(&mut self, mut tee: Tee) -> Result<(), String> {
+        let mut file = tee
+            .file
+            .take()
+            .ok_or("writing the cache copy failed earlier")?;
+        file.flush()
+            .await
+            .map_err(|e| format!("flushing {}: {e}", tee.path.display()))?;
         drop(file);
-        let Some(Ok(torrent)) = tee.torrent.take().map(TorrentBuilder::finish) else {
-            return;
-        };
+        let torrent = tee
+            .torrent
+            .take()
+            .ok_or("no torrent")?
+            .finish()
+            .map_err(|e| format!("building its torrent: {e}"))?;
         let torrent = Arc::new(torrent);
         let dest = self.blobs.store.blob_path(&self.digest);
-        if tokio::fs::rename(&tee.path, &dest).await.is_err() {
-            return;
-        }
+        tokio::fs::rename(&tee.path, &dest)
+            .await
+            .map_err(|e| format!("moving it to {}: {e}", dest.display()))?;
         match self
             .blobs
             .swarm
@@ -1210,10 +1324,13 @@ impl VerifyingBody {
             )
             .await
         {
-            Ok(_) => self.blobs.record(torrent).await,
+            Ok(_) => {
+                self.blobs.record(torrent).await;
+                Ok(())
+            }
             Err(e) => {
-                tracing::warn!("cannot seed the blob fetched from upstream: {e}");
                 let _ = tokio::fs::remove_file(&dest).await;
+                Err(format!("seeding it: {e}"))
             }
         }
     }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bay_common::Registry;
-use bay_common::flags::{parse_registry, parse_size};
+use bay_common::flags::{parse_registry, parse_seconds, parse_size};
+use bay_common::logging::LogFormat;
 use clap::Parser;
 
 /// bay-proxy: a registry proxy for one machine. Point `p2p-<registry>` at it in /etc/hosts and
@@ -62,6 +63,18 @@ pub struct Config {
     /// downloads only what clients ask for.
     #[arg(long, env = "BAY_PREFETCH", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefetch: bool,
+
+    /// Log lines as `text`, or `json` (one object per line, every field of an event and its
+    /// spans as a field) for log shippers. Text is coloured only on a terminal, never when
+    /// NO_COLOR is set. The level filter is RUST_LOG (default info).
+    #[arg(long, env = "BAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Seconds any wait on an upstream registry may take: connecting, a HEAD, the first byte of
+    /// an answer, each read of a blob's body. A registry that accepts and then hangs costs a
+    /// client at most this long.
+    #[arg(long, env = "BAY_UPSTREAM_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    pub upstream_timeout: std::time::Duration,
 
     /// Seconds that shutdown (SIGTERM) waits for blob downloads and responses in flight before
     /// cutting them. Clients whose response is cut retry; nothing partial is cached.

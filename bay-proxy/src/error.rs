@@ -23,6 +23,9 @@ pub enum ProxyError {
     Refused(Box<Refusal>),
     #[error("{0}")]
     Upstream(UpstreamError),
+    /// A tracker could not get the blob from upstream; its status (502, 504) is passed on.
+    #[error("{why}")]
+    UpstreamViaTracker { status: StatusCode, why: String },
     #[error("blob {digest} failed verification")]
     DigestMismatch { digest: String },
     #[error("storage: {0}")]
@@ -47,6 +50,7 @@ impl ProxyError {
             ProxyError::BadRange(..) => ErrorCode::RangeInvalid,
             ProxyError::Refused(_)
             | ProxyError::Upstream(_)
+            | ProxyError::UpstreamViaTracker { .. }
             | ProxyError::DigestMismatch { .. }
             | ProxyError::Io(_) => ErrorCode::Unavailable,
         }
@@ -55,6 +59,7 @@ impl ProxyError {
     fn status(&self) -> StatusCode {
         match self {
             ProxyError::Upstream(_) | ProxyError::DigestMismatch { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamViaTracker { status, .. } => *status,
             ProxyError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
             other => StatusCode::from_u16(other.code().status())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

@@ -51,7 +51,9 @@ pub async fn run(
         .await
         .with_context(|| format!("starting BitTorrent on port {}", config.peer_port))?,
     );
-    let upstream = Arc::new(UpstreamClient::new(UpstreamOptions::default())?);
+    let upstream = Arc::new(UpstreamClient::new(UpstreamOptions::with_timeout(
+        config.upstream_timeout,
+    ))?);
     let stop = CancellationToken::new();
     let blobs = Arc::new(blob::Blobs::new(
         store.clone(),

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub upstream_fetches: Counter,
     pub swarm_downloads: Family<Outcome, Counter>,
     pub prefetches: Counter,
+    pub commit_failures: Counter,
     cache_blobs: Gauge,
     cache_bytes: Gauge,
     evictions: Counter,
@@ -69,6 +70,7 @@ impl Default for Metrics {
         let upstream_fetches = Counter::default();
         let swarm_downloads = Family::<Outcome, Counter>::default();
         let prefetches = Counter::default();
+        let commit_failures = Counter::default();
         let cache_blobs = Gauge::default();
         let cache_bytes = Gauge::default();
         let evictions = Counter::default();
@@ -110,6 +112,12 @@ impl Default for Metrics {
             prefetches.clone(),
         );
         r.register(
+            "bay_cache_commit_failures",
+            "Verified blobs from upstream that could not be cached (the client got them; the \
+             log says why)",
+            commit_failures.clone(),
+        );
+        r.register(
             "bay_cache_blobs",
             "Blobs held in the cache and seeded",
             cache_blobs.clone(),
@@ -134,6 +142,7 @@ impl Default for Metrics {
             upstream_fetches,
             swarm_downloads,
             prefetches,
+            commit_failures,
             cache_blobs,
             cache_bytes,
             evictions,

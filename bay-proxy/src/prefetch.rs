@@ -57,7 +57,8 @@ pub async fn relay_manifest(
     match Manifest::parse(content_type.as_deref(), &bytes) {
         Ok(m) => {
             let digests = m.blobs().into_iter().map(|d| d.digest.clone()).collect();
-            blobs.prefetch(registry, name, digests, authorization);
+            let manifest = bay_common::Digest::sha256_of(&bytes);
+            blobs.prefetch(&manifest, registry, name, digests, authorization);
         }
         Err(e) => tracing::debug!(repo = %name, "not prefetching: {e}"),
     }

@@ -32,6 +32,14 @@ pub enum TrackersError {
     Refused(Box<Refusal>),
     #[error("every tracker failed; last: {0}")]
     AllFailed(String),
+    /// The tracker could not get the blob from upstream (it answered 502 or 504): going
+    /// upstream ourselves, or asking the next tracker, would wait on the same registry again.
+    #[error("{tracker} could not get the blob from upstream: {status} {detail}")]
+    UpstreamFailed {
+        tracker: String,
+        status: reqwest::StatusCode,
+        detail: String,
+    },
 }
 
 pub struct Trackers {
@@ -40,6 +48,12 @@ pub struct Trackers {
     client: reqwest::Client,
     /// For piece ranges, which must keep flowing.
     pieces_client: reqwest::Client,
+}
+
+/// A tracker's answer that is not a torrent but final.
+enum Answer {
+    Refused(Refusal),
+    UpstreamFailed(reqwest::StatusCode, String),
 }
 
 /// A torrent as a tracker handed it out.
@@ -168,11 +182,19 @@ impl Trackers {
                         }
                     }
                     let body = resp.bytes().await.unwrap_or_default();
-                    return Ok(Err(Refusal {
+                    return Ok(Err(Answer::Refused(Refusal {
                         status,
                         headers,
                         body,
-                    }));
+                    })));
+                }
+                if matches!(status.as_u16(), 502 | 504) {
+                    let body = resp.bytes().await.unwrap_or_default();
+                    let detail = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    return Ok(Err(Answer::UpstreamFailed(status, detail)));
                 }
                 if !status.is_success() {
                     return Err(format!("{base} answered {status}"));
@@ -194,9 +216,17 @@ impl Trackers {
                         from: base.clone(),
                     });
                 }
-                Ok(Err(refusal)) => {
+                Ok(Err(Answer::Refused(refusal))) => {
                     self.mark(i, true);
                     return Err(TrackersError::Refused(Box::new(refusal)));
+                }
+                Ok(Err(Answer::UpstreamFailed(status, detail))) => {
+                    self.mark(i, true);
+                    return Err(TrackersError::UpstreamFailed {
+                        tracker: base.to_string(),
+                        status,
+                        detail,
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(tracker = %base, "torrent request failed: {e}");

@@ -4,7 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use bay_common::Registry;
-use bay_common::flags::{parse_registry, parse_size};
+use bay_common::flags::{parse_registry, parse_seconds, parse_size};
+use bay_common::logging::LogFormat;
 use clap::Parser;
 
 /// bay-tracker: fetches blobs from allowlisted upstream registries once, verifies their digest,
@@ -60,6 +61,18 @@ pub struct Config {
     /// so a cold burst cannot fill the site's internet link. Default: unlimited.
     #[arg(long, env = "BAY_UPSTREAM_RATE", value_parser = parse_size)]
     pub upstream_rate: Option<u64>,
+
+    /// Log lines as `text`, or `json` (one object per line, every field of an event and its
+    /// spans as a field) for log shippers. Text is coloured only on a terminal, never when
+    /// NO_COLOR is set. The level filter is RUST_LOG (default info).
+    #[arg(long, env = "BAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Seconds any wait on an upstream registry may take: connecting, a HEAD, the first byte of
+    /// an answer, each read of a blob's body. A registry that accepts and then hangs costs a
+    /// client at most this long.
+    #[arg(long, env = "BAY_UPSTREAM_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    pub upstream_timeout: std::time::Duration,
 
     /// Seconds that shutdown (SIGTERM) waits for requests in flight before cutting them.
     #[arg(long, env = "BAY_DRAIN_TIMEOUT", default_value_t = 5)]

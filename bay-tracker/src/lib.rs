@@ -40,7 +40,9 @@ pub async fn run(
             .await
             .with_context(|| format!("starting the BitTorrent seed on {peer_listen}"))?,
     );
-    let upstream = Arc::new(UpstreamClient::new(UpstreamOptions::default())?);
+    let upstream = Arc::new(UpstreamClient::new(UpstreamOptions::with_timeout(
+        config.upstream_timeout,
+    ))?);
     let metrics = Arc::new(metrics::Metrics::default());
     let limits = limit::UpstreamLimits::new(config.upstream_concurrency, config.upstream_rate);
     let blobs = Arc::new(fetch::Blobs::new(

@@ -32,12 +32,24 @@ pub struct UpstreamOptions {
     pub user_agent: String,
 }
 
+/// The services' `--upstream-timeout` default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Default for UpstreamOptions {
     fn default() -> Self {
+        Self::with_timeout(DEFAULT_TIMEOUT)
+    }
+}
+
+impl UpstreamOptions {
+    /// Every wait on upstream bounded by `t`: connecting, a whole HEAD or token request, and
+    /// every read of an answer (its first byte included), so a registry that accepts and then
+    /// says nothing costs at most `t`, however long a healthy blob download takes.
+    pub fn with_timeout(t: Duration) -> Self {
         Self {
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
-            read_timeout: Duration::from_secs(60),
+            connect_timeout: t,
+            request_timeout: t,
+            read_timeout: t,
             user_agent: concat!("bay/", env!("CARGO_PKG_VERSION")).to_string(),
         }
     }
@@ -86,7 +98,7 @@ pub enum UpstreamError {
     Refused(Box<Refusal>),
     #[error("upstream answered {status} for {url}")]
     Status { status: StatusCode, url: String },
-    #[error("upstream request to {url} failed: {source}")]
+    #[error("upstream request to {url} failed: {}", transport_cause(source))]
     Transport {
         url: String,
         #[source]
@@ -94,6 +106,18 @@ pub enum UpstreamError {
     },
     #[error("token endpoint {realm} failed: {why}")]
     Token { realm: String, why: String },
+}
+
+/// What went wrong on the wire, in words a client can act on: reqwest reports a read that timed
+/// out in a body as "error decoding response body".
+fn transport_cause(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "no answer within the upstream timeout (--upstream-timeout)".to_owned()
+    } else if e.is_connect() {
+        format!("cannot connect: {e}")
+    } else {
+        e.to_string()
+    }
 }
 
 impl UpstreamError {
