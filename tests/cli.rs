@@ -34,6 +34,9 @@ fn bad_flags_name_the_value() {
         "http://a.example/path",
     );
     fails_naming("bay-proxy", &["--stall-timeout", "soon"], "soon");
+    fails_naming("bay-proxy", &["--upstream-timeout", "0"], "\"0\"");
+    fails_naming("bay-tracker", &["--upstream-timeout", "later"], "later");
+    fails_naming("bay-proxy", &["--log-format", "xml"], "xml");
     fails_naming("bay-proxy", &["--tracker", "not a url"], "not a url");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();

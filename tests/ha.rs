@@ -77,6 +77,7 @@ async fn pulls_survive_losing_the_owning_tracker() {
         let stormy = &stormy;
         async move { pull_all(proxies, stormy, "ha/stormy:1").await }
     };
+    let t0 = Instant::now();
     let killer = async {
         registry
             .wait_blob_gets(&victim_layer, 1, Duration::from_secs(60))
@@ -86,8 +87,16 @@ async fn pulls_survive_losing_the_owning_tracker() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         trackers[victim].kill();
         eprintln!("killed tracker {victim} ({})", urls[victim]);
+        t0.elapsed()
     };
-    let (stormy_times, ()) = tokio::join!(pulls, killer);
+    let (stormy_times, killed_at) = tokio::join!(pulls, killer);
+    // Otherwise this tested nothing: the tracker died while every pull was still running.
+    for t in &stormy_times {
+        assert!(
+            *t > killed_at,
+            "a pull ended ({t:?}) before the tracker was killed ({killed_at:?})"
+        );
+    }
 
     for blob in stormy.layers.iter().chain([&stormy.config]) {
         let gets = registry.blob_gets(&blob.digest);
@@ -107,8 +116,11 @@ async fn pulls_survive_losing_the_owning_tracker() {
     }
     eprintln!(
         "3 trackers, 3 proxies, uploads {LINK}B/s: 48 MiB with all trackers up: {calm_times:?}; \
-         72 MiB with the owner of a layer killed mid-pull: {stormy_times:?}; \
+         72 MiB with the owner of a layer killed mid-pull (at {killed_at:?}): {stormy_times:?}; \
          upstream GETs of that layer: {}; fallbacks to upstream: {fallbacks}",
         registry.blob_gets(&victim_layer)
     );
+    // The proxies wait for the next tracker to seed the layer rather than each going upstream:
+    // at most one of them may have (the second upstream GET allowed above).
+    assert!(fallbacks <= 1, "{fallbacks} fallbacks to upstream");
 }

@@ -13,8 +13,9 @@
 //! `target/bay-test-cache/bookworm-minbase.tar` (~130 MB) for later runs (delete it to renew).
 //!
 //! Needs root and Debian's `docker.io`, and `debootstrap` while the cache is empty. Where
-//! dockerd cannot run, debootstrap is missing or apt has no bookworm source, the test prints
-//! `SKIPPED: image test: <reason>` and returns.
+//! Docker or debootstrap is not installed, or apt has no bookworm source, the test prints
+//! `SKIPPED: image test: <reason>` and returns (under `CI=true` it fails instead); where Docker
+//! is installed but dockerd cannot start, it fails.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use bay_tests::{
     Dockerd, Image, Registry, RegistryOptions, bin_path, free_port, http_client, loopback_ip,
-    run_with_timeout, sha256_file, skopeo_pull, wait_http_ok,
+    run_with_timeout, sha256_file, skip, skopeo_pull, wait_http_ok,
 };
 
 const SUITE: &str = "bookworm";
@@ -414,29 +415,35 @@ async fn images_build_and_pull_through_their_containers() {
         None
     } else {
         let Some(debootstrap) = find_program("debootstrap") else {
-            eprintln!(
-                "SKIPPED: image test: debootstrap is not installed (Debian package debootstrap), \
-                 and {} is not cached yet",
-                tarball.display()
+            skip(
+                "image test",
+                &format!(
+                    "debootstrap is not installed (Debian package debootstrap), and {} is not \
+                     cached yet",
+                    tarball.display()
+                ),
             );
             return;
         };
         let Some(source) = apt_source() else {
-            eprintln!(
-                "SKIPPED: image test: apt has no `deb` source for Debian {SUITE} main to \
-                 debootstrap the base image from"
+            skip(
+                "image test",
+                &format!(
+                    "apt has no `deb` source for Debian {SUITE} main to debootstrap the base \
+                     image from"
+                ),
             );
             return;
         };
         Some((debootstrap, source))
     };
-    let dockerd = match Dockerd::start().await {
-        Ok(dockerd) => dockerd,
-        Err(e) => {
-            eprintln!("SKIPPED: image test: {e:#}");
-            return;
-        }
-    };
+    if let Some(why) = Dockerd::missing() {
+        skip("image test", &why);
+        return;
+    }
+    let dockerd = Dockerd::start()
+        .await
+        .expect("Docker is installed: dockerd must start");
     eprintln!("dockerd {} up", dockerd.server_version());
 
     // The base, then both images.

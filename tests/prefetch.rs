@@ -140,3 +140,43 @@ async fn no_prefetch_when_disabled_or_when_the_answer_is_not_an_image_manifest()
     assert_eq!(get_manifest(&on.url(), "1").await.0, 200);
     on.wait_held(2, Duration::from_secs(60)).await.unwrap();
 }
+
+/// Many clients getting one image manifest at once start one prefetch of its blobs, not one
+/// each: the tracker is asked for each blob's torrent twice (the paced first pass, then the
+/// download), however many clients there were.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_manifest_gets_start_one_prefetch() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let image = Image::generate(&[2 << 20, 1 << 20, 1 << 20], 33).unwrap();
+    image.push(&registry, "test/img:1", None).await.unwrap();
+    let blobs = image.layers.len() + 1;
+    let tracker = Tracker::start(&[registry.url()], &[]).await.unwrap();
+    let proxy = Proxy::start(&[tracker.url()], &registry.url(), &[])
+        .await
+        .unwrap();
+    let url = proxy.url();
+    let gets = (0..8).map(|_| get_manifest(&url, "1"));
+    for (status, digest, _) in futures::future::join_all(gets).await {
+        assert_eq!(status, 200);
+        assert_eq!(digest.as_deref(), Some(image.manifest.digest.as_str()));
+    }
+    proxy
+        .wait_held(blobs as u64, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let stats: serde_json::Value = http_client()
+        .get(format!("{}/v1/stats", tracker.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let asked = stats["torrents_served"].as_u64().unwrap();
+    assert!(
+        asked <= 2 * blobs as u64,
+        "the tracker was asked for {asked} torrents for {blobs} blobs"
+    );
+    let m = Scrape::of(&proxy.url()).await.unwrap();
+    assert_eq!(m.get("bay_prefetches_total").unwrap(), blobs as f64);
+}
