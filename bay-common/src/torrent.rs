@@ -19,8 +19,8 @@ use crate::announce::InfoHash;
 use crate::digest::{Digest, DigestError};
 
 /// Smallest piece we use. Fine-grained pieces mean frequent HAVE messages, which is what lets
-/// leechers that start together trade pieces (see `notes/librqbit-workaround.md`: 1 MiB pieces
-/// swarmed clearly worse than 256 KiB).
+/// leechers that start together trade pieces (`docs/swarming.md`; in the project's experiments
+/// 1 MiB pieces swarmed clearly worse than 256 KiB).
 pub const MIN_PIECE_LENGTH: u32 = 256 * 1024;
 /// Largest piece we use: past it a torrent simply gets more pieces.
 pub const MAX_PIECE_LENGTH: u32 = 16 * 1024 * 1024;

@@ -1,15 +1,16 @@
 //! The proxy's librqbit session: downloads blobs from the swarm, and seeds what it holds.
 //!
 //! Stock librqbit 9.1 does not make leechers that start together trade pieces
-//! (`notes/librqbit.md` §11). Three things restore it, all outside librqbit
-//! (`notes/librqbit-workaround.md`): the tracker's hand-out policy (see bay-tracker), a slice
-//! of each blob per node that this node alone takes from the tracker ([`crate::webseed`]),
-//! and waking librqbit's idle piece requesters ([`crate::wake`]). A small request window
-//! keeps a connection from reserving pieces that another peer will have a moment later.
+//! (`docs/swarming.md`). Three things restore it, all outside librqbit: the tracker's
+//! hand-out policy (see bay-tracker), a slice of each blob per node that this node alone takes
+//! from the tracker ([`crate::webseed`]), and waking librqbit's idle piece requesters
+//! ([`crate::wake`]). A small request window keeps a connection from reserving pieces that
+//! another peer will have a moment later.
 //!
 //! The session runs on a single-threaded runtime of its own ([`Dedicated`]), where librqbit
 //! does its disk I/O inline instead of through `block_in_place`; everything here that makes
-//! librqbit spawn tasks goes through it.
+//! librqbit spawn tasks goes through it. Downloads keep their pieces in bay's own storage
+//! ([`crate::landing`]); seeds of cached blobs use librqbit's file storage.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -81,7 +82,8 @@ impl Swarm {
                 ..Default::default()
             }),
             ipv4_only: true,
-            // Streams and upload chunk reads each hold a permit (notes/librqbit.md §7).
+            // Every upload chunk read holds a permit of this semaphore, and librqbit's default of
+            // 8 starves a node serving many peers.
             runtime_worker_threads: Some(1024),
             peer_limit: Some(128),
             ratelimits: librqbit::limits::LimitsConfig {

@@ -3,7 +3,7 @@
 //! In librqbit 9.1 a peer connection that finds nothing to request sleeps up to 5 s, and only a
 //! peer dying with reserved pieces wakes it — not a HAVE from that peer. Between leechers that
 //! is most of the time, so without a nudge the tail of a download comes from the seed alone
-//! (`notes/librqbit-workaround.md`, "C": ~2.0× seed upload without it, ~1.3–1.5× with it).
+//! (`docs/swarming.md`: ~2.0× seed upload without it, ~1.3–1.5× with it).
 //! The nudge: connect to our own peer port as a peer that claims every piece, wait for the
 //! first REQUEST (librqbit reserved a piece for us), and hang up. librqbit releases the piece
 //! and wakes every requester of the torrent, which then look at what their peers have now.

@@ -56,7 +56,7 @@ impl Seeder {
             }),
             ipv4_only: listen.is_ipv4(),
             // Each upload chunk read takes a permit of this semaphore; the default of 8
-            // starves a seed serving many peers (notes/librqbit.md §7).
+            // starves a seed serving many peers.
             runtime_worker_threads: Some(512),
             peer_limit: Some(512),
             ratelimits: librqbit::limits::LimitsConfig {
