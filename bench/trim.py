@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Trims benchmark result directories to what a reader needs before they go into git.
+
+    bench/trim.py bench/results/<run> [...]            # keep results.md, results.json, cdf.png
+    bench/trim.py --no-plot bench/results/<run> [...]  # the plot too goes
+
+For every directory given (and every run directory below it: one holding a results.json):
+removes the raw material (`logs/`, `plot-data/`, which .gitignore keeps out of git anyway),
+rewrites results.json without indentation, and with --no-plot removes cdf.png and the per-mode
+time series it is drawn from (`modes.*.series`; without them `--replot` cannot redraw it).
+Prints what each directory weighed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+RAW = ("logs", "plot-data")
+
+
+def size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def trim(run: Path, plot: bool) -> None:
+    before = size(run)
+    for raw in RAW:
+        shutil.rmtree(run / raw, ignore_errors=True)
+    results = run / "results.json"
+    data = json.loads(results.read_text())
+    if not plot:
+        (run / "cdf.png").unlink(missing_ok=True)
+        for mode in (data.get("modes") or {}).values():
+            if isinstance(mode, dict):
+                mode.pop("series", None)
+    results.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    print(f"{run}: {before / 1024:.0f} KiB -> {size(run) / 1024:.0f} KiB")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="bench/trim.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="drop cdf.png and the series too")
+    p.add_argument("dirs", nargs="+", type=Path)
+    a = p.parse_args()
+    runs = []
+    for d in a.dirs:
+        if not d.is_dir():
+            print(f"bench/trim.py: {d} is not a directory", file=sys.stderr)
+            return 1
+        runs += sorted({r.parent for r in d.rglob("results.json")})
+    if not runs:
+        print("bench/trim.py: no results.json below the directories given", file=sys.stderr)
+        return 1
+    for run in runs:
+        trim(run, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
