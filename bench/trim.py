@@ -3,11 +3,13 @@
 
     bench/trim.py bench/results/<run> [...]            # keep results.md, results.json, cdf.png
     bench/trim.py --no-plot bench/results/<run> [...]  # the plot too goes
+    bench/trim.py --no-series bench/results/<run>      # keep the plot, not the data to redraw it
 
 For every directory given (and every run directory below it: one holding a results.json):
 removes the raw material (`logs/`, `plot-data/`, which .gitignore keeps out of git anyway),
 rewrites results.json without indentation, and with --no-plot removes cdf.png and the per-mode
-time series it is drawn from (`modes.*.series`; without them `--replot` cannot redraw it).
+time series it is drawn from (`modes.*.series`; without them `--replot` cannot redraw it);
+--no-series drops only the series (a long direct mode makes them most of the file).
 Prints what each directory weighed before and after.
 """
 
@@ -26,7 +28,7 @@ def size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def trim(run: Path, plot: bool) -> None:
+def trim(run: Path, plot: bool, series: bool) -> None:
     before = size(run)
     for raw in RAW:
         shutil.rmtree(run / raw, ignore_errors=True)
@@ -34,6 +36,7 @@ def trim(run: Path, plot: bool) -> None:
     data = json.loads(results.read_text())
     if not plot:
         (run / "cdf.png").unlink(missing_ok=True)
+    if not plot or not series:
         for mode in (data.get("modes") or {}).values():
             if isinstance(mode, dict):
                 mode.pop("series", None)
@@ -45,6 +48,7 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="bench/trim.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-plot", dest="plot", action="store_false", help="drop cdf.png and the series too")
+    p.add_argument("--no-series", dest="series", action="store_false", help="drop the series, keep cdf.png")
     p.add_argument("dirs", nargs="+", type=Path)
     a = p.parse_args()
     runs = []
@@ -57,7 +61,7 @@ def main() -> int:
         print("bench/trim.py: no results.json below the directories given", file=sys.stderr)
         return 1
     for run in runs:
-        trim(run, a.plot)
+        trim(run, a.plot, a.series)
     return 0
 
 
