@@ -668,37 +668,79 @@ async fn upstream_answering_500() {
     f.assert_nothing_cached(false).await;
 }
 
-/// 3c. Upstream cuts the connection after half the blob: the client sees a body cut short of
-/// its Content-Length (a prefix of the real blob), and nothing is cached anywhere.
+/// The client's answer when the tracker could not get the blob from upstream: a registry error
+/// (502) that says so, at once; the proxy does not fetch the same broken answer again.
+fn assert_error_via_tracker(f: &FaultyUpstream, got: &Pulled) {
+    got.assert_never_complete_and_wrong(&f.digest, f.blob.len() as u64);
+    assert_eq!(
+        got.status,
+        Some(StatusCode::BAD_GATEWAY),
+        "{}",
+        got.summary()
+    );
+    let body: serde_json::Value = serde_json::from_slice(&got.body)
+        .unwrap_or_else(|e| panic!("not a registry error body ({e}): {}", got.summary()));
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("could not get the blob from upstream"),
+        "{}",
+        got.summary()
+    );
+    assert_eq!(
+        f.fake.blob_gets(),
+        1,
+        "only the tracker's GET went upstream"
+    );
+}
+
+/// The same fault, with no tracker: the proxy streams from upstream itself, and its client sees
+/// a body cut short of its Content-Length; nothing is cached.
+async fn without_a_tracker(f: &FaultyUpstream) -> Pulled {
+    let p = Proxy::start(&[], &f.fake.url(), &["--stall-timeout", "2"])
+        .await
+        .unwrap();
+    let got = pull(&blob_url(&p.url(), &f.digest), None, PULL_TIMEOUT).await;
+    f.assert_cut_short(&got);
+    assert_nothing_kept("the tracker-less proxy", p.data_dir(), &f.digest, false).await;
+    got
+}
+
+/// 3c. Upstream cuts the connection after half the blob. Through the tracker, the client gets
+/// a registry error at once; a proxy without one streams from upstream, and its client sees a
+/// body cut short of its Content-Length (a prefix of the real blob). Nothing is cached anywhere.
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_cutting_the_connection() {
     let _serial = serial().await;
     let f = faulty_upstream(Fault::Cut, 2).await;
     let got = pull(&blob_url(&f.proxy.url(), &f.digest), None, PULL_TIMEOUT).await;
     eprintln!("upstream cut: {}", got.summary());
-    f.assert_cut_short(&got);
+    assert_error_via_tracker(&f, &got);
+    f.assert_nothing_cached(false).await;
+    let direct = without_a_tracker(&f).await;
+    eprintln!("upstream cut, no tracker: {}", direct.summary());
     assert!(
-        f.blob.starts_with(&got.body),
+        f.blob.starts_with(&direct.body),
         "what the client got is not a prefix of the blob"
     );
-    assert!(f.fake.blob_gets() >= 1, "the fake saw no blob GET");
-    f.assert_nothing_cached(false).await;
 }
 
-/// Upstream sends the whole length with one wrong byte: the client's body stops short of its
-/// Content-Length (the proxy held the last chunk back and the digest did not match).
+/// Upstream sends the whole length with one wrong byte. The tracker refuses it and says why,
+/// and the client gets that as a registry error; without a tracker, the client's body stops
+/// short of its Content-Length (the proxy held the last chunk back and the digest did not
+/// match). Nothing is cached anywhere.
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_sending_wrong_bytes() {
     let _serial = serial().await;
     let f = faulty_upstream(Fault::Corrupt, 3).await;
     let got = pull(&blob_url(&f.proxy.url(), &f.digest), None, PULL_TIMEOUT).await;
     eprintln!("upstream corrupt: {}", got.summary());
-    f.assert_cut_short(&got);
+    assert_error_via_tracker(&f, &got);
     f.assert_nothing_cached(false).await;
     assert!(
         f.tracker.log_text().contains("failed verification"),
         "the tracker does not say why it refused the blob"
     );
+    without_a_tracker(&f).await;
 }
 
 /// 3b. Upstream sends a quarter of the blob and then nothing, forever. While it hangs the

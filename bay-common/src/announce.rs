@@ -4,7 +4,7 @@
 //! Nothing here does I/O; the tracker server feeds raw query strings in and writes the bytes
 //! out.
 
-use crate::api::shown;
+use crate::quote::shown;
 use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

@@ -14,15 +14,6 @@ pub const TORRENT_CONTENT_TYPE: &str = "application/x-bittorrent";
 /// Header carrying the hex info hash next to a torrent, so proxies can log it without parsing.
 pub const INFO_HASH_HEADER: &str = "x-bay-info-hash";
 
-/// A rejected value as error messages quote it: cut to `max_chars` characters, so a client
-/// cannot make bay echo megabytes back (or into its log).
-pub(crate) fn shown(s: &str, max_chars: usize) -> String {
-    match s.char_indices().nth(max_chars) {
-        Some((end, _)) => format!("{}…", &s[..end]),
-        None => s.to_owned(),
-    }
-}
-
 /// Path of the torrent for a blob, relative to a tracker's base URL.
 pub fn torrent_path(registry: &Registry, name: &RepositoryName, digest: &Digest) -> String {
     format!(

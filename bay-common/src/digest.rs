@@ -1,6 +1,6 @@
 //! OCI content digests: strict parsing, file names, and incremental verification.
 
-use crate::api::shown;
+use crate::quote::shown;
 use std::fmt;
 use std::str::FromStr;
 

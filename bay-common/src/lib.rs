@@ -10,6 +10,7 @@ pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod pool;
+mod quote;
 pub mod range;
 pub mod reference;
 pub mod runtime;

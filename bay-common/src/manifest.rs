@@ -3,7 +3,7 @@
 //!
 //! Manifests are only read here, never re-serialized: their digest is over upstream's bytes.
 
-use crate::api::shown;
+use crate::quote::shown;
 use std::fmt;
 use std::str::FromStr;
 

@@ -1,6 +1,6 @@
 //! Repository names and upstream registry addresses, validated before they reach paths or URLs.
 
-use crate::api::shown;
+use crate::quote::shown;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
