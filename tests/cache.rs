@@ -2,12 +2,11 @@
 //! never served as it is, whole or in part, and not seeded after a restart; a verified blob
 //! that cannot be cached is still served, and the failure is logged and counted.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use bay_common::Digest;
-use bay_tests::{Image, Proxy, Registry, RegistryOptions, Scrape, Tracker, http_client};
+use bay_tests::{Image, Proxy, Registry, RegistryOptions, Scrape, Tracker, flip_byte, http_client};
 use reqwest::StatusCode;
 
 const REPO: &str = "test/cache";
@@ -52,22 +51,6 @@ async fn get(url: &str, range: Option<&str>) -> (StatusCode, Vec<u8>) {
     (status, resp.bytes().await.unwrap().to_vec())
 }
 
-/// Flips the byte at `at` in place (same file, same size, a new modification time).
-fn flip_byte(path: &PathBuf, at: u64) {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut byte = [0u8];
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.read_exact(&mut byte).unwrap();
-    byte[0] ^= 0xff;
-    f.seek(SeekFrom::Start(at)).unwrap();
-    f.write_all(&byte).unwrap();
-    f.sync_all().unwrap();
-}
-
 /// A Range GET of a cached blob whose file was changed after it was verified gets the right
 /// bytes: the file is checked again before any part of it goes out, found wrong, dropped, and
 /// the blob fetched again.
@@ -85,7 +68,7 @@ async fn a_range_of_a_changed_cached_blob_is_not_served_from_it() {
 
     // Let the modification time move on a coarse clock, then damage the cached copy.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    flip_byte(&cached_path(&p, &layer.digest), 1000);
+    flip_byte(cached_path(&p, &layer.digest), 1000).unwrap();
 
     let (status, body) = get(&url, Some("bytes=900-1099")).await;
     assert_eq!(status, StatusCode::PARTIAL_CONTENT);
@@ -117,7 +100,7 @@ async fn a_restart_drops_a_cached_blob_damaged_meanwhile() {
     p.wait_held(1, Duration::from_secs(30)).await.unwrap();
     p.terminate(Duration::from_secs(10)).await.unwrap();
 
-    flip_byte(&cached_path(&p, &layer.digest), 5);
+    flip_byte(cached_path(&p, &layer.digest), 5).unwrap();
     p.restart().await.unwrap();
     let log = p.log_text();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

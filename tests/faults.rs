@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use bay_common::Digest;
 use bay_tests::{
-    Image, Proxy, Registry, RegistryOptions, Scrape, Service, Tracker, bin_path, free_port,
-    http_client, loopback_ip, sha256_file,
+    Image, Proxy, Registry, RegistryOptions, Scrape, Service, Tracker, bin_path, flip_byte,
+    free_port, http_client, loopback_ip, sha256_file,
 };
 use reqwest::StatusCode;
 use tempfile::TempDir;
@@ -239,17 +239,6 @@ async fn assert_nothing_kept(who: &str, data_dir: &Path, digest: &str, in_flight
     }
 }
 
-async fn tracker_stats(tracker: &Tracker) -> serde_json::Value {
-    http_client()
-        .get(format!("{}/v1/stats", tracker.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// 1. A peer that serves corrupted data: proxy A's seeded copy is tampered with on disk.
 /// Proxy B, pulling mostly from A (the tracker's seed is limited to 2 MiB/s), must notice A's
 /// bad pieces, get them elsewhere and deliver the blob verified; A itself must not hand its
@@ -273,23 +262,8 @@ async fn peer_serving_corrupted_data() {
     let cached = a.data_dir().join("blobs").join(digest.file_name());
     let pieces = layer.size.div_ceil(PIECE);
     let tampered: Vec<u64> = (pieces / 4..pieces * 3 / 4).collect();
-    {
-        use std::io::{Read, Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&cached)
-            .unwrap();
-        for p in &tampered {
-            let at = p * PIECE + 1000;
-            let mut byte = [0u8];
-            f.seek(SeekFrom::Start(at)).unwrap();
-            f.read_exact(&mut byte).unwrap();
-            byte[0] ^= 0xff;
-            f.seek(SeekFrom::Start(at)).unwrap();
-            f.write_all(&byte).unwrap();
-        }
-        f.sync_all().unwrap();
+    for p in &tampered {
+        flip_byte(&cached, p * PIECE + 1000).unwrap();
     }
     assert_ne!(sha256_file(&cached).unwrap(), layer.digest);
     let seeded = a.data_dir().join("tmp").join(digest.file_name());
@@ -626,7 +600,7 @@ impl FaultyUpstream {
         assert_nothing_kept("the tracker", tracker, &self.digest, in_flight).await;
         let s = self.proxy.stats().await.unwrap();
         assert_eq!(s["blobs_held"], 0, "{s}");
-        let t = tracker_stats(&self.tracker).await;
+        let t = self.tracker.stats().await.unwrap();
         assert_eq!(t["blobs_held"], 0, "{t}");
     }
 
@@ -1093,23 +1067,8 @@ async fn tracker_serving_corrupted_pieces() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    {
-        use std::io::{Read, Seek, SeekFrom, Write};
-        let held = c.tracker.data_dir().join("blobs").join(digest.file_name());
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&held)
-            .unwrap();
-        let at = 2 * PIECE + 5;
-        let mut byte = [0u8];
-        f.seek(SeekFrom::Start(at)).unwrap();
-        f.read_exact(&mut byte).unwrap();
-        byte[0] ^= 0xff;
-        f.seek(SeekFrom::Start(at)).unwrap();
-        f.write_all(&byte).unwrap();
-        f.sync_all().unwrap();
-    }
+    let held = c.tracker.data_dir().join("blobs").join(digest.file_name());
+    flip_byte(&held, 2 * PIECE + 5).unwrap();
     let p = Proxy::start(
         &[c.tracker.url()],
         &c.registry.url(),

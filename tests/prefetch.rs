@@ -164,14 +164,7 @@ async fn concurrent_manifest_gets_start_one_prefetch() {
         .wait_held(blobs as u64, Duration::from_secs(60))
         .await
         .unwrap();
-    let stats: serde_json::Value = http_client()
-        .get(format!("{}/v1/stats", tracker.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: serde_json::Value = tracker.stats().await.unwrap();
     let asked = stats["torrents_served"].as_u64().unwrap();
     assert!(
         asked <= 2 * blobs as u64,

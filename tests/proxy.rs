@@ -322,14 +322,7 @@ async fn simultaneous_pulls_swarm() {
     for (digest, _) in &results {
         assert_eq!(digest, &layer.digest);
     }
-    let tracker_stats: serde_json::Value = http_client()
-        .get(format!("{}/v1/stats", c.tracker.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tracker_stats: serde_json::Value = c.tracker.stats().await.unwrap();
     let seed_up = tracker_stats["seed_uploaded_bytes"].as_u64().unwrap();
     let mut from_peers = 0;
     for p in &proxies {

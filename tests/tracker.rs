@@ -70,14 +70,7 @@ async fn tracker_fetches_verifies_and_seeds_to_a_standard_client() {
     assert_eq!(registry.blob_gets(&image.layers[1].digest), 0);
 
     // The announce endpoint now knows the torrent; scrape reports the seed.
-    let stats: serde_json::Value = http_client()
-        .get(format!("{}/v1/stats", tracker.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: serde_json::Value = tracker.stats().await.unwrap();
     assert_eq!(stats["blobs_held"], 1);
     assert_eq!(stats["upstream_fetches"], 1);
     assert!(
@@ -572,14 +565,7 @@ async fn an_announce_flood_leaves_memory_flat_and_real_swarms_answered() {
         after_more <= after_some + (8 << 20),
         "memory grew from {after_some} to {after_more} bytes"
     );
-    let stats: serde_json::Value = http_client()
-        .get(format!("{}/v1/stats", tracker.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: serde_json::Value = tracker.stats().await.unwrap();
     assert!(stats["swarms"].as_u64().unwrap() <= 4_097, "{stats}");
 
     // The real torrent: a seed, then a leecher with pieces that is handed that seed.
