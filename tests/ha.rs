@@ -124,3 +124,60 @@ async fn pulls_survive_losing_the_owning_tracker() {
     // at most one of them may have (the second upstream GET allowed above).
     assert!(fallbacks <= 1, "{fallbacks} fallbacks to upstream");
 }
+
+/// A tracker that comes back empty (restarted without its volume, or after the next tracker
+/// fetched its blobs while it was down) must not fetch from upstream what another tracker of
+/// the set holds: the proxies ask every tracker for a held copy before one fetches.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_owner_does_not_fetch_what_another_tracker_holds() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let image = Image::generate(&[8 << 20, 8 << 20, 8 << 20, 8 << 20], 3).unwrap();
+    image.push(&registry, "ha/held:1", None).await.unwrap();
+    let trackers = [
+        Tracker::start(&[registry.url()], &[]).await.unwrap(),
+        Tracker::start(&[registry.url()], &[]).await.unwrap(),
+    ];
+    let urls: Vec<String> = trackers.iter().map(|t| t.url()).collect();
+    let blobs: Vec<_> = image.layers.iter().chain([&image.config]).collect();
+    // Each blob is held by the tracker that does not rank first for it, as after a failover.
+    let mut owners = [0u64; 2];
+    for blob in &blobs {
+        let owner = owner(&urls, &blob.digest);
+        owners[owner] += 1;
+        let r = bay_tests::http_client()
+            .get(format!(
+                "{}/v1/torrents/{}/ha/held/blobs/{}",
+                urls[1 - owner],
+                registry.authority(),
+                blob.digest
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::OK);
+    }
+    // Otherwise both trackers are not each the owner of something.
+    assert!(owners.iter().all(|&n| n > 0), "owners {owners:?}");
+
+    let proxies = [
+        Proxy::start(&urls, &registry.url(), &[]).await.unwrap(),
+        Proxy::start(&urls, &registry.url(), &[]).await.unwrap(),
+    ];
+    pull_all(&proxies, &image, "ha/held:1").await;
+    for blob in &blobs {
+        assert_eq!(registry.blob_gets(&blob.digest), 1, "{}", blob.digest);
+    }
+    for (i, t) in trackers.iter().enumerate() {
+        let stats = t.stats().await.unwrap();
+        assert_eq!(
+            stats["upstream_fetches"].as_u64(),
+            Some(blobs.len() as u64 - owners[i]),
+            "tracker {i} fetched only what it was asked for directly: {stats}"
+        );
+    }
+    let mut fallbacks = 0;
+    for p in &proxies {
+        fallbacks += p.stats().await.unwrap()["fallbacks"].as_u64().unwrap();
+    }
+    assert_eq!(fallbacks, 0);
+}

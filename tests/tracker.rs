@@ -116,6 +116,52 @@ async fn concurrent_requests_cause_one_upstream_get() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn only_if_cached_never_fetches_but_joins_a_running_fetch() {
+    // Upstream at 4 MiB/s: the fetch of the 8 MiB layer is still running when it is joined.
+    let (registry, image, tracker) = setup(&[8 << 20], &["--upstream-rate", "4M"]).await;
+    let client = http_client();
+    let layer = &image.layers[0].digest;
+    let url = torrent_url(&tracker, &registry, "test/img", layer);
+    let held_only = || {
+        client
+            .get(&url)
+            .header("cache-control", "max-age=0, only-if-cached")
+            .send()
+    };
+
+    // Not held: 504 (RFC 9111 for only-if-cached with nothing stored), a registry-style
+    // error naming the blob, and upstream asked for nothing but the access check.
+    let r = held_only().await.unwrap();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "BLOB_UNKNOWN", "{body}");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains(layer.as_str()),
+        "{body}"
+    );
+    assert_eq!(registry.blob_gets(layer), 0);
+    assert_eq!(tracker.stats().await.unwrap()["upstream_fetches"], 0);
+
+    // While a fetch runs, it waits for it and gets the same torrent.
+    let (fetching, joined) = tokio::join!(client.get(&url).send(), async {
+        registry.wait_blob_gets(layer, 1, TIMEOUT).await.unwrap();
+        held_only().await.unwrap()
+    });
+    let fetching = fetching.unwrap();
+    assert_eq!(fetching.status(), StatusCode::OK);
+    assert_eq!(joined.status(), StatusCode::OK);
+    assert_eq!(
+        fetching.bytes().await.unwrap(),
+        joined.bytes().await.unwrap()
+    );
+    assert_eq!(held_only().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(registry.blob_gets(layer), 1);
+}
+
 /// GET with the path exactly as given; returns (status, body).
 async fn raw_get(tracker: &Tracker, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

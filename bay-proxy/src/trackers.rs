@@ -149,7 +149,10 @@ impl Trackers {
     }
 
     /// The blob's torrent from the first tracker that gives one, checked to be bay's torrent of
-    /// that digest.
+    /// that digest. With several trackers, those that hold the blob (or are fetching it) are
+    /// asked first, in rank order, and only then the first by rank to fetch it: a tracker that
+    /// restarted empty, or came back after its blobs were fetched by the next one, does not
+    /// fetch from upstream what another tracker already has.
     pub async fn torrent(
         &self,
         registry: &Registry,
@@ -161,81 +164,117 @@ impl Trackers {
             return Err(TrackersError::None);
         }
         let path = api::torrent_path(registry, name, digest);
+        let ranked = self.ranked(digest);
         let mut last = String::new();
-        for i in self.ranked(digest) {
-            let base = &self.urls[i];
-            let Ok(url) = base.join(path.trim_start_matches('/')) else {
-                continue;
-            };
-            let mut req = self.client.get(url).timeout(TORRENT_TIMEOUT);
-            if let Some(auth) = authorization {
-                req = req.header(header::AUTHORIZATION, auth.clone());
-            }
-            let result = async {
-                let resp = req.send().await.map_err(|e| e.to_string())?;
-                let status = resp.status();
-                if matches!(status.as_u16(), 401 | 403 | 404 | 429) {
-                    let mut headers = HeaderMap::new();
-                    for h in ["www-authenticate", "content-type", "retry-after"] {
-                        for v in resp.headers().get_all(h) {
-                            headers.append(h, v.clone());
-                        }
+        if self.urls.len() > 1 {
+            for &i in &ranked {
+                if self.cooling(i) {
+                    continue;
+                }
+                match self.ask(i, &path, digest, authorization, true).await {
+                    Ok(Ok(fetched)) => return Ok(fetched),
+                    Ok(Err(Answer::Refused(refusal))) => {
+                        return Err(TrackersError::Refused(Box::new(refusal)));
                     }
-                    let body = resp.bytes().await.unwrap_or_default();
-                    return Ok(Err(Answer::Refused(Refusal {
-                        status,
-                        headers,
-                        body,
-                    })));
+                    // Not held there (504), or its upstream check failed: the next one.
+                    Ok(Err(Answer::UpstreamFailed(..))) => {}
+                    Err(e) => last = e,
                 }
-                if matches!(status.as_u16(), 502 | 504) {
-                    let body = resp.bytes().await.unwrap_or_default();
-                    let detail = serde_json::from_slice::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    return Ok(Err(Answer::UpstreamFailed(status, detail)));
-                }
-                if !status.is_success() {
-                    return Err(format!("{base} answered {status}"));
-                }
-                let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-                let torrent = BlobTorrent::from_metainfo(&bytes).map_err(|e| e.to_string())?;
-                if torrent.digest() != digest {
-                    return Err(format!("{base} sent the torrent of {}", torrent.digest()));
-                }
-                Ok(Ok((torrent, bytes)))
             }
-            .await;
-            match result {
-                Ok(Ok((torrent, metainfo))) => {
-                    self.mark(i, true);
-                    return Ok(Fetched {
-                        torrent,
-                        metainfo,
-                        from: base.clone(),
-                    });
-                }
+        }
+        for i in ranked {
+            match self.ask(i, &path, digest, authorization, false).await {
+                Ok(Ok(fetched)) => return Ok(fetched),
                 Ok(Err(Answer::Refused(refusal))) => {
-                    self.mark(i, true);
                     return Err(TrackersError::Refused(Box::new(refusal)));
                 }
                 Ok(Err(Answer::UpstreamFailed(status, detail))) => {
-                    self.mark(i, true);
                     return Err(TrackersError::UpstreamFailed {
-                        tracker: base.to_string(),
+                        tracker: self.urls[i].to_string(),
                         status,
                         detail,
                     });
                 }
-                Err(e) => {
-                    tracing::warn!(tracker = %base, "torrent request failed: {e}");
-                    self.mark(i, false);
-                    last = e;
-                }
+                Err(e) => last = e,
             }
         }
         Err(TrackersError::AllFailed(last))
+    }
+
+    fn cooling(&self, i: usize) -> bool {
+        self.failed_at.lock().expect("poisoned")[i].is_some_and(|t| t.elapsed() < COOL_DOWN)
+    }
+
+    /// One torrent request to tracker `i`; `held_only` asks it not to fetch the blob
+    /// (`Cache-Control: only-if-cached`). A transport failure or an unexpected answer is the
+    /// `Err`, and marks the tracker failed.
+    async fn ask(
+        &self,
+        i: usize,
+        path: &str,
+        digest: &Digest,
+        authorization: Option<&HeaderValue>,
+        held_only: bool,
+    ) -> Result<Result<Fetched, Answer>, String> {
+        let base = &self.urls[i];
+        let url = base
+            .join(path.trim_start_matches('/'))
+            .map_err(|e| format!("{base}: {e}"))?;
+        let mut req = self.client.get(url).timeout(TORRENT_TIMEOUT);
+        if let Some(auth) = authorization {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        if held_only {
+            req = req.header(header::CACHE_CONTROL, "only-if-cached");
+        }
+        let result = async {
+            let resp = req.send().await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            if matches!(status.as_u16(), 401 | 403 | 404 | 429) {
+                let mut headers = HeaderMap::new();
+                for h in ["www-authenticate", "content-type", "retry-after"] {
+                    for v in resp.headers().get_all(h) {
+                        headers.append(h, v.clone());
+                    }
+                }
+                let body = resp.bytes().await.unwrap_or_default();
+                return Ok(Err(Answer::Refused(Refusal {
+                    status,
+                    headers,
+                    body,
+                })));
+            }
+            if matches!(status.as_u16(), 502 | 504) {
+                let body = resp.bytes().await.unwrap_or_default();
+                let detail = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                return Ok(Err(Answer::UpstreamFailed(status, detail)));
+            }
+            if !status.is_success() {
+                return Err(format!("{base} answered {status}"));
+            }
+            let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+            let torrent = BlobTorrent::from_metainfo(&bytes).map_err(|e| e.to_string())?;
+            if torrent.digest() != digest {
+                return Err(format!("{base} sent the torrent of {}", torrent.digest()));
+            }
+            Ok(Ok(Fetched {
+                torrent,
+                metainfo: bytes,
+                from: base.clone(),
+            }))
+        }
+        .await;
+        match &result {
+            Ok(_) => self.mark(i, true),
+            Err(e) => {
+                tracing::warn!(tracker = %base, "torrent request failed: {e}");
+                self.mark(i, false);
+            }
+        }
+        result
     }
 
     /// Bytes `start..=end` of a held blob from the tracker at `base` (see bay-tracker's

@@ -51,6 +51,10 @@ pub enum TrackerError {
     UnknownTorrent(String),
     #[error("range {0:?} does not fit a blob of {1} bytes")]
     BadRange(String, u64),
+    /// Asked with `Cache-Control: only-if-cached` for a blob this tracker neither holds nor is
+    /// fetching; 504 as RFC 9111 answers that request when nothing is stored.
+    #[error("this tracker does not hold {0} and was asked not to fetch it (only-if-cached)")]
+    NotHeld(String),
 }
 
 impl From<UpstreamError> for TrackerError {
@@ -69,7 +73,7 @@ impl TrackerError {
             TrackerError::BadDigest(_) => ErrorCode::DigestInvalid,
             TrackerError::BadName(_) | TrackerError::BadPath(_) => ErrorCode::NameInvalid,
             TrackerError::BadReference(_) | TrackerError::BadInfoHash(_) => ErrorCode::NameInvalid,
-            TrackerError::UnknownTorrent(_) => ErrorCode::BlobUnknown,
+            TrackerError::UnknownTorrent(_) | TrackerError::NotHeld(_) => ErrorCode::BlobUnknown,
             TrackerError::BadRange(..) => ErrorCode::RangeInvalid,
             TrackerError::UnknownPreheat(_) => ErrorCode::NameUnknown,
             TrackerError::TooManyPreheats(_) => ErrorCode::Toomanyrequests,
@@ -91,7 +95,7 @@ impl TrackerError {
             | TrackerError::DigestMismatch { .. }
             | TrackerError::SizeMismatch { .. } => StatusCode::BAD_GATEWAY,
             TrackerError::Manifest(_) => StatusCode::BAD_GATEWAY,
-            TrackerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            TrackerError::Timeout(_) | TrackerError::NotHeld(_) => StatusCode::GATEWAY_TIMEOUT,
             TrackerError::Io(_) | TrackerError::Seed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             other => StatusCode::from_u16(other.code().status())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

@@ -88,6 +88,40 @@ impl Blobs {
         self.ensure(digest, Some(source)).await
     }
 
+    /// Like `torrent_for`, but never starts an upstream fetch: the torrent if the blob is held
+    /// or on its way (a flight is running), else `NotHeld`. Proxies ask this of every tracker
+    /// before they have one fetch, so a tracker that restarted empty does not fetch again what
+    /// another tracker of the set holds.
+    pub async fn torrent_if_held(
+        self: &Arc<Self>,
+        source: Source,
+        digest: &Digest,
+    ) -> Result<Arc<BlobTorrent>, Arc<TrackerError>> {
+        self.access
+            .check(
+                &self.upstream,
+                &source.registry,
+                &source.name,
+                digest,
+                &source.creds,
+            )
+            .await
+            .map_err(|e| Arc::new(e.into()))?;
+        if let Some(t) = self.store.get(digest) {
+            return Ok(t);
+        }
+        let flight = self
+            .flights
+            .lock()
+            .expect("flights poisoned")
+            .get(digest)
+            .cloned();
+        match flight {
+            Some(f) => f.await.or_else(|e| self.store.get(digest).ok_or(e)),
+            None => Err(Arc::new(TrackerError::NotHeld(digest.to_string()))),
+        }
+    }
+
     /// Joins or starts the flight for `digest`. Without a source the flight only verifies a
     /// blob left on disk by an earlier run.
     pub async fn ensure(self: &Arc<Self>, digest: &Digest, source: Option<Source>) -> FlightResult {

@@ -97,7 +97,7 @@ impl Default for Metrics {
         );
         registry.register(
             "bay_torrent_requests",
-            "Torrent requests from proxies, by outcome (ok, refused, failed)",
+            "Torrent requests from proxies, by outcome (ok, refused, not_held, failed)",
             torrent_requests.clone(),
         );
         registry.register(

@@ -97,18 +97,26 @@ async fn torrent_inner(
         creds: Credentials::from_client(headers.get(header::AUTHORIZATION)),
     };
     let image = format!("{}/{}", source.registry.authority(), source.name);
-    let torrent = match state
-        .blobs
-        .torrent_for(source, &digest)
-        .instrument(span)
-        .await
-    {
+    let result = if only_if_cached(headers) {
+        state
+            .blobs
+            .torrent_if_held(source, &digest)
+            .instrument(span)
+            .await
+    } else {
+        state
+            .blobs
+            .torrent_for(source, &digest)
+            .instrument(span)
+            .await
+    };
+    let torrent = match result {
         Ok(t) => t,
         Err(e) => {
-            let outcome = if matches!(*e, TrackerError::Refused(_)) {
-                "refused"
-            } else {
-                "failed"
+            let outcome = match *e {
+                TrackerError::Refused(_) => "refused",
+                TrackerError::NotHeld(_) => "not_held",
+                _ => "failed",
             };
             state
                 .metrics
@@ -141,6 +149,16 @@ async fn torrent_inner(
         body,
     )
         .into_response())
+}
+
+/// Whether the caller asked for a held blob only (`Cache-Control: only-if-cached`).
+fn only_if_cached(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("only-if-cached"))
 }
 
 /// An error either owned or shared by every waiter of a flight.
