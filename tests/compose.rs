@@ -102,7 +102,7 @@ impl<'a> Compose<'a> {
     fn logs(&self) -> String {
         std::process::Command::new(&self.program)
             .args(self.args())
-            .args(["logs", "--no-color", "--tail=40"])
+            .args(["logs", "--no-color", "--tail=150"])
             .envs(self.env())
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())

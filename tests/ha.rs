@@ -181,3 +181,91 @@ async fn an_empty_owner_does_not_fetch_what_another_tracker_holds() {
     }
     assert_eq!(fallbacks, 0);
 }
+
+/// A listener whose accept queue is full: the kernel drops every SYN sent to it, as for a
+/// tracker whose node vanished, so a connect to it waits out the proxy's connect timeout.
+async fn unreachable_tracker() -> (String, tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let ip = bay_tests::loopback_ip();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((ip, 0).into()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fill = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => fill.push(conn),
+            Ok(Err(e)) => panic!("connect {addr}: {e}"),
+            Err(_) => break, // dropped: the queue is full
+        }
+        assert!(fill.len() < 8, "{addr} keeps accepting connections");
+    }
+    (format!("http://{addr}"), listener, fill)
+}
+
+/// The tracker that ranks first for a blob is unreachable (its SYNs vanish): each request for
+/// the blob waits one connect timeout for it, not one per pass, and a request whose torrent
+/// arrives after another request already finished the download is served from the cache,
+/// not sent to upstream (seen in the compose test, where a prefetch finished a layer while
+/// docker's GET of it still waited on the killed tracker).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_owner_costs_one_connect_timeout_and_no_upstream_fallback() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let (gone_url, _listener, _fill) = unreachable_tracker().await;
+    let tracker = Tracker::start(&[registry.url()], &[]).await.unwrap();
+    let urls = vec![gone_url.clone(), tracker.url()];
+    // An image whose layer ranks the unreachable tracker first.
+    let image = (0..)
+        .map(|seed| Image::generate(&[1 << 20], 400 + seed).unwrap())
+        .find(|image| owner(&urls, &image.layers[0].digest) == 0)
+        .unwrap();
+    image.push(&registry, "ha/gone:1", None).await.unwrap();
+    let proxy = Proxy::start(&urls, &registry.url(), &[]).await.unwrap();
+
+    let digest = &image.layers[0].digest;
+    let url = format!("{}/v2/ha/gone/blobs/{digest}", proxy.url());
+    let get = |delay: Duration| {
+        let url = url.clone();
+        async move {
+            tokio::time::sleep(delay).await;
+            let r = bay_tests::http_client()
+                .get(&url)
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), reqwest::StatusCode::OK);
+            r.bytes().await.unwrap()
+        }
+    };
+    // The second GET starts while the first still waits on the unreachable tracker, so it
+    // gets its torrent after the first has downloaded the blob.
+    let (first, second) = tokio::join!(get(Duration::ZERO), get(Duration::from_secs(5)));
+    for body in [first, second] {
+        assert_eq!(bay_common::Digest::sha256_of(&body).to_string(), *digest);
+    }
+
+    assert_eq!(
+        registry.blob_gets(digest),
+        1,
+        "upstream sent the layer once"
+    );
+    let stats = proxy.stats().await.unwrap();
+    assert_eq!(stats["fallbacks"].as_u64(), Some(0), "{stats}");
+    let gone_host = url::Url::parse(&gone_url).unwrap().to_string();
+    let waits = proxy
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("torrent request failed") && l.contains(&gone_host))
+        .count();
+    assert_eq!(
+        waits,
+        2,
+        "one connect timeout per request\n{}",
+        proxy.log_text()
+    );
+}

@@ -219,6 +219,16 @@ impl Blobs {
                 tracing::warn!("{why}");
                 return Err(ProxyError::UpstreamViaTracker { status, why });
             }
+            Err(Start::Held) => match self.store.get(&req.digest) {
+                Some(t) => {
+                    *how = outcome::CACHE_HIT;
+                    return self.serve_file(&req, t.size(), range).await;
+                }
+                None => {
+                    tracing::warn!("blob evicted as soon as cached, streaming from upstream");
+                    None
+                }
+            },
             Err(Start::Failed(why)) => {
                 tracing::warn!("swarm unavailable, streaming from upstream: {why}");
                 None
@@ -465,9 +475,14 @@ impl Blobs {
             .or_default()
             .clone();
         let _one_at_a_time = start.lock().await;
-        // Someone may have started it while we asked the tracker.
+        // Someone may have started it while we asked the tracker, or even finished it: a
+        // tracker that was slow to answer (an unreachable one tried first) can take longer
+        // than a small blob's whole download, which now seeds from the cache.
         if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
             return Ok(d.clone());
+        }
+        if self.store.get(&req.digest).is_some() {
+            return Err(Start::Held);
         }
         let started = self.start_download(req, fetched).await;
         self.starting.lock().expect("poisoned").remove(&req.digest);
@@ -545,7 +560,24 @@ impl Blobs {
         let mut last_progress = (0u64, Instant::now());
         let mut last_recovery: Option<Instant> = None;
         let mut wake_tick = tokio::time::interval(WAKE_EVERY);
-        let mut slot_tick = tokio::time::interval(SLOT_EVERY);
+        // The node's slice, asked for beside this loop: a tracker slow to answer must not hold
+        // up the wake-ups and the end of the download.
+        let slots = {
+            let (trackers, d) = (self.trackers.clone(), d.clone());
+            let (digest, port, stop) = (req.digest.clone(), self.swarm.peer_port(), stop.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SLOT_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    if let Some(s) = trackers.slot(ih, &digest, port).await {
+                        d.webseed.set_plan(Plan::from_slot(&s, pieces as u32));
+                    }
+                }
+            })
+        };
         let give_up = self.patience();
         let mut progress_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
@@ -630,13 +662,9 @@ impl Blobs {
                         "downloading"
                     );
                 }
-                _ = slot_tick.tick() => {
-                    if let Some(s) = self.trackers.slot(ih, self.swarm.peer_port()).await {
-                        d.webseed.set_plan(Plan::from_slot(&s, pieces as u32));
-                    }
-                }
             }
         };
+        slots.abort();
         d.webseed.stop();
         let (from_trackers, from_peers) = peer_bytes(&d.handle, &d.webseed);
         // Pieces librqbit took over from a slower peer and fetched again from the start.
@@ -956,6 +984,8 @@ enum Start {
         why: String,
     },
     Failed(String),
+    /// Finished by another request while this one waited for the torrent.
+    Held,
 }
 
 impl std::fmt::Display for Start {
@@ -964,6 +994,7 @@ impl std::fmt::Display for Start {
             Start::Refused(r) => write!(f, "upstream refused: {}", r.status),
             Start::UpstreamFailed { why, .. } => f.write_str(why),
             Start::Failed(why) => f.write_str(why),
+            Start::Held => f.write_str("held already"),
         }
     }
 }

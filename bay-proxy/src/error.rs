@@ -99,3 +99,17 @@ pub fn json_response(status: StatusCode, body: ErrorBody) -> Response {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
+
+/// `e` and its sources, `: `-separated: reqwest's own message alone says only "error sending
+/// request", not whether the connect timed out or the connection was reset.
+pub fn chain(e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -5,7 +5,6 @@
 //! ones HTTP asks of a proxy (hop-by-hop headers, `Host`) and `Location`s that point at the
 //! upstream itself, which are turned back towards the proxy so upload sessions stay on it.
 
-use std::error::Error as _;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
@@ -139,7 +138,7 @@ impl Passthrough {
             Err(e) => {
                 // The whole chain: reqwest's own message is only "error sending request".
                 tracing::warn!(
-                    upstream = %upstream, %method, path, error = %chain(&e),
+                    upstream = %upstream, %method, path, error = %crate::error::chain(&e),
                     "upstream unreachable"
                 );
                 ProxyError::Upstream(UpstreamError::Transport {
@@ -255,18 +254,6 @@ fn proxied_location(location: &str, upstream: &Registry, proxy_host: &str) -> Op
         .unwrap_or(after_scheme.len())..];
     let slash = if rest.starts_with('/') { "" } else { "/" };
     Some(format!("http://{proxy_host}{slash}{rest}"))
-}
-
-/// `e` and its sources, `: `-separated.
-fn chain(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// At most 80 bytes of a request target, for error messages.

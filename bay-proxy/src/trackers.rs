@@ -21,6 +21,10 @@ use sha2::{Digest as _, Sha256};
 const COOL_DOWN: Duration = Duration::from_secs(30);
 /// A torrent answer may take as long as the tracker needs to fetch the blob from upstream.
 const TORRENT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// A tracker busy fetching has its downlink full, and a full queue drops SYNs (retried by the
+/// kernel after 1 s and 3 s): a connect must outlast two lost ones, or the proxy fails over
+/// and the next tracker fetches the same blob from upstream again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a tracker may go without sending piece bytes while a range is being read.
 const PIECES_READ_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -50,6 +54,17 @@ pub struct Trackers {
     pieces_client: reqwest::Client,
 }
 
+/// Why a torrent request got no answer to go by.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The request or its answer was lost on the way: worth sending again.
+    #[error("{0}")]
+    Transport(String),
+    /// The tracker answered something that is not a torrent of the blob.
+    #[error("{0}")]
+    Answer(String),
+}
+
 /// A tracker's answer that is not a torrent but final.
 enum Answer {
     Refused(Refusal),
@@ -68,7 +83,7 @@ impl Trackers {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(bay_common::upstream::IDLE_PER_HOST)
             .pool_idle_timeout(bay_common::upstream::IDLE_TIMEOUT)
-            .connect_timeout(Duration::from_secs(3))
+            .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(TORRENT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -164,10 +179,11 @@ impl Trackers {
             return Err(TrackersError::None);
         }
         let path = api::torrent_path(registry, name, digest);
-        let ranked = self.ranked(digest);
         let mut last = String::new();
+        // Trackers this call already could not reach: not sent the same request again.
+        let mut lost = vec![false; self.urls.len()];
         if self.urls.len() > 1 {
-            for &i in &ranked {
+            for i in self.ranked(digest) {
                 if self.cooling(i) {
                     continue;
                 }
@@ -178,12 +194,23 @@ impl Trackers {
                     }
                     // Not held there (504), or its upstream check failed: the next one.
                     Ok(Err(Answer::UpstreamFailed(..))) => {}
-                    Err(e) => last = e,
+                    Err(e) => {
+                        lost[i] |= matches!(e, Failure::Transport(_));
+                        last = e.to_string();
+                    }
                 }
             }
         }
-        for i in ranked {
-            match self.ask(i, &path, digest, authorization, false).await {
+        // Ranked again: a tracker that just failed (here or for another request) goes last, so
+        // an unreachable owner costs one connect timeout, not one per pass.
+        for i in self.ranked(digest) {
+            // A request that failed on its way (a dropped SYN, a pooled connection the tracker
+            // had just closed) is sent once more before the next tracker is asked to fetch.
+            let mut answer = self.ask(i, &path, digest, authorization, false).await;
+            if !lost[i] && matches!(answer, Err(Failure::Transport(_))) {
+                answer = self.ask(i, &path, digest, authorization, false).await;
+            }
+            match answer {
                 Ok(Ok(fetched)) => return Ok(fetched),
                 Ok(Err(Answer::Refused(refusal))) => {
                     return Err(TrackersError::Refused(Box::new(refusal)));
@@ -195,7 +222,7 @@ impl Trackers {
                         detail,
                     });
                 }
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
         Err(TrackersError::AllFailed(last))
@@ -215,11 +242,11 @@ impl Trackers {
         digest: &Digest,
         authorization: Option<&HeaderValue>,
         held_only: bool,
-    ) -> Result<Result<Fetched, Answer>, String> {
+    ) -> Result<Result<Fetched, Answer>, Failure> {
         let base = &self.urls[i];
         let url = base
             .join(path.trim_start_matches('/'))
-            .map_err(|e| format!("{base}: {e}"))?;
+            .map_err(|e| Failure::Answer(format!("{base}: {e}")))?;
         let mut req = self.client.get(url).timeout(TORRENT_TIMEOUT);
         if let Some(auth) = authorization {
             req = req.header(header::AUTHORIZATION, auth.clone());
@@ -228,7 +255,10 @@ impl Trackers {
             req = req.header(header::CACHE_CONTROL, "only-if-cached");
         }
         let result = async {
-            let resp = req.send().await.map_err(|e| e.to_string())?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| Failure::Transport(crate::error::chain(&e)))?;
             let status = resp.status();
             if matches!(status.as_u16(), 401 | 403 | 404 | 429) {
                 let mut headers = HeaderMap::new();
@@ -253,12 +283,19 @@ impl Trackers {
                 return Ok(Err(Answer::UpstreamFailed(status, detail)));
             }
             if !status.is_success() {
-                return Err(format!("{base} answered {status}"));
+                return Err(Failure::Answer(format!("{base} answered {status}")));
             }
-            let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-            let torrent = BlobTorrent::from_metainfo(&bytes).map_err(|e| e.to_string())?;
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| Failure::Transport(crate::error::chain(&e)))?;
+            let torrent =
+                BlobTorrent::from_metainfo(&bytes).map_err(|e| Failure::Answer(e.to_string()))?;
             if torrent.digest() != digest {
-                return Err(format!("{base} sent the torrent of {}", torrent.digest()));
+                return Err(Failure::Answer(format!(
+                    "{base} sent the torrent of {}",
+                    torrent.digest()
+                )));
             }
             Ok(Ok(Fetched {
                 torrent,
@@ -321,9 +358,14 @@ impl Trackers {
         out
     }
 
-    /// This node's slice of a torrent to prioritise, from the first tracker that answers.
-    pub async fn slot(&self, info_hash: InfoHash, peer_port: u16) -> Option<Slot> {
-        for base in &self.urls {
+    /// This node's slice of a torrent to prioritise, from the first tracker by rank that
+    /// answers (so every proxy asks the same one); one that failed lately is skipped.
+    pub async fn slot(&self, info_hash: InfoHash, digest: &Digest, peer_port: u16) -> Option<Slot> {
+        for i in self.ranked(digest) {
+            if self.cooling(i) {
+                continue;
+            }
+            let base = &self.urls[i];
             let Ok(url) = base.join(&format!("v1/slots/{}?port={peer_port}", info_hash.to_hex()))
             else {
                 continue;
@@ -334,6 +376,9 @@ impl Trackers {
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await;
+            if resp.is_err() {
+                self.mark(i, false);
+            }
             if let Ok(r) = resp
                 && r.status().is_success()
                 && let Ok(slot) = r.json::<Slot>().await
@@ -395,6 +440,161 @@ mod tests {
         let mut sorted = r.clone();
         sorted.sort();
         assert_eq!(sorted, vec![0, 1, 2, 3, 4]);
+    }
+
+    /// A tracker that takes HTTP requests on a raw socket: `drop_first_fetch` closes the
+    /// connection of the first request without `only-if-cached` unanswered. Counts the requests
+    /// that would make it fetch.
+    struct FakeTracker {
+        url: url::Url,
+        /// Torrent requests that may fetch (not `only-if-cached`).
+        fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        /// Every request, answered or not.
+        requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mode {
+        Steady,
+        /// Loses the first request that may fetch, as a connection lost on its way.
+        DropFirstFetch,
+        /// Loses every request, as a tracker that is gone.
+        DropAll,
+    }
+
+    async fn fake_tracker(metainfo: Vec<u8>, mode: Mode) -> FakeTracker {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let fetches = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = fetches.clone();
+        let requests = std::sync::Arc::new(AtomicUsize::new(0));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = conn.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                if mode == Mode::DropAll {
+                    continue;
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let response = if head.contains("only-if-cached") {
+                    let body = r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"not held"}]}"#;
+                    format!(
+                        "HTTP/1.1 504 Gateway Timeout\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes()
+                } else {
+                    if counted.fetch_add(1, Ordering::SeqCst) == 0 && mode == Mode::DropFirstFetch {
+                        continue; // dropped unanswered, as a lost connection
+                    }
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        metainfo.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(&metainfo);
+                    r
+                };
+                let _ = conn.write_all(&response).await;
+                let _ = conn.shutdown().await;
+            }
+        });
+        FakeTracker {
+            url,
+            fetches,
+            requests,
+        }
+    }
+
+    /// Two fake trackers serving one blob's torrent, `first` ranking first for its digest.
+    async fn pair(first: Mode, second: Mode) -> (FakeTracker, FakeTracker, Digest) {
+        loop {
+            let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            let salt = rand_salt();
+            let data = [data.as_slice(), salt.as_slice()].concat();
+            let digest = Digest::sha256_of(&data);
+            let meta = BlobTorrent::from_bytes(digest.clone(), &data)
+                .unwrap()
+                .to_metainfo(&[]);
+            let a = fake_tracker(meta.clone(), first).await;
+            let b = fake_tracker(meta, second).await;
+            let t = Trackers::new(vec![a.url.clone(), b.url.clone()]).unwrap();
+            if t.ranked(&digest)[0] == 0 {
+                return (a, b, digest);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_lost_on_its_way_is_sent_again_not_failed_over() {
+        use std::sync::atomic::Ordering;
+        // A blob whose first-ranked tracker is the one that loses a connection: the other
+        // one, asked to fetch instead, would fetch the blob from upstream a second time.
+        let (flaky, steady, digest) = pair(Mode::DropFirstFetch, Mode::Steady).await;
+        let trackers = Trackers::new(vec![flaky.url.clone(), steady.url.clone()]).unwrap();
+        let registry: Registry = "http://127.0.0.2:5000".parse().unwrap();
+        let name: RepositoryName = "library/alpine".parse().unwrap();
+        let fetched = trackers
+            .torrent(&registry, &name, &digest, None)
+            .await
+            .unwrap();
+        assert_eq!(fetched.from, flaky.url);
+        assert_eq!(fetched.torrent.digest(), &digest);
+        assert_eq!(
+            flaky.fetches.load(Ordering::SeqCst),
+            2,
+            "lost once, sent again"
+        );
+        assert_eq!(
+            steady.fetches.load(Ordering::SeqCst),
+            0,
+            "no second fetch elsewhere"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_owner_is_asked_once_per_request() {
+        use std::sync::atomic::Ordering;
+        let (gone, steady, digest) = pair(Mode::DropAll, Mode::Steady).await;
+        let trackers = Trackers::new(vec![gone.url.clone(), steady.url.clone()]).unwrap();
+        let registry: Registry = "http://127.0.0.2:5000".parse().unwrap();
+        let name: RepositoryName = "library/alpine".parse().unwrap();
+        let fetched = trackers
+            .torrent(&registry, &name, &digest, None)
+            .await
+            .unwrap();
+        assert_eq!(fetched.from, steady.url);
+        // Each request to a gone tracker waits out a connect timeout in production: asked
+        // for a held copy, then again to fetch, then once more, a pull waited three.
+        assert_eq!(gone.requests.load(Ordering::SeqCst), 1);
+        assert_eq!(steady.fetches.load(Ordering::SeqCst), 1);
+        // A second request for the blob does not wait on the gone tracker at all while it
+        // cools down.
+        trackers
+            .torrent(&registry, &name, &digest, None)
+            .await
+            .unwrap();
+        assert_eq!(gone.requests.load(Ordering::SeqCst), 1);
+    }
+
+    fn rand_salt() -> [u8; 8] {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed).to_le_bytes()
     }
 
     #[test]
