@@ -41,7 +41,14 @@ async fn main() -> anyhow::Result<()> {
     let torrent = Arc::new(BlobTorrent::from_metainfo(&bytes)?);
     // The given tracker only: a private torrent's librqbit announces to one tracker.
     let metainfo = Bytes::from(torrent.to_metainfo(std::slice::from_ref(announce)));
-    let swarm = Swarm::start(port, &out, vec![announce.clone()], None).await?;
+    let swarm = Swarm::start(
+        port,
+        &out,
+        vec![announce.clone()],
+        None,
+        bay_proxy::swarm::Tuning::default(),
+    )
+    .await?;
     let started = Instant::now();
     let handle = if landing {
         let l = Arc::new(Landing::new(

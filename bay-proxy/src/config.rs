@@ -56,6 +56,19 @@ pub struct Config {
     #[arg(long, env = "BAY_UPLOAD_LIMIT", value_parser = parse_size)]
     pub upload_limit: Option<u64>,
 
+    /// 16 KiB requests each BitTorrent connection keeps in flight (1-256). Fewer put fewer
+    /// bytes in the queues of a slow downlink shared by many peers; more keep a fast,
+    /// long-distance link busy.
+    #[arg(long, env = "BAY_REQUEST_WINDOW", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub request_window: u16,
+
+    /// Most BitTorrent connections per blob, downloading or seeding, incoming and outgoing
+    /// together.
+    #[arg(long, env = "BAY_PEER_LIMIT", default_value_t = 128,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub peer_limit: u16,
+
     /// Start swarm downloads of an image's config and layers as soon as its manifest passes
     /// through, so a client that asks for blobs one after another (skopeo, crane) finds them
     /// already on their way and the swarm moves the whole image at once. Blobs already cached
@@ -149,5 +162,17 @@ mod tests {
         assert!(Config::default().prefetch);
         assert!(!Config::parse_from(["bay-proxy", "--prefetch", "false"]).prefetch);
         assert!(Config::try_parse_from(["bay-proxy", "--prefetch", "maybe"]).is_err());
+        assert_eq!(Config::default().request_window, 16);
+        assert_eq!(Config::default().peer_limit, 128);
+        let c = Config::parse_from(["bay-proxy", "--request-window", "4", "--peer-limit", "8"]);
+        assert_eq!((c.request_window, c.peer_limit), (4, 8));
+        for bad in [
+            ["--request-window", "0"],
+            ["--request-window", "257"],
+            ["--peer-limit", "0"],
+        ] {
+            let e = Config::try_parse_from(["bay-proxy", bad[0], bad[1]]).unwrap_err();
+            assert!(e.to_string().contains(bad[1]), "{e}");
+        }
     }
 }

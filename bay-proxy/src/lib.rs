@@ -47,6 +47,10 @@ pub async fn run(
             store.tmp_dir(),
             trackers.announce_urls(),
             config.upload_limit,
+            swarm::Tuning {
+                request_window: config.request_window.into(),
+                peer_limit: config.peer_limit.into(),
+            },
         )
         .await
         .with_context(|| format!("starting BitTorrent on port {}", config.peer_port))?,

@@ -28,8 +28,22 @@ use librqbit::{
     ListenerOptions, ManagedTorrent, PeerConnectionOptions, Session, SessionOptions,
 };
 
-/// Chunks (16 KiB) in flight per connection: one 256 KiB piece.
-const REQUEST_WINDOW: usize = 16;
+/// How the BitTorrent session treats its connections (`--request-window`, `--peer-limit`).
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// 16 KiB chunks in flight per connection; 16 is one 256 KiB piece.
+    pub request_window: usize,
+    pub peer_limit: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            request_window: 16,
+            peer_limit: 128,
+        }
+    }
+}
 
 pub type Handle = Arc<ManagedTorrent>;
 
@@ -57,6 +71,7 @@ impl Swarm {
         default_dir: &Path,
         announce: Vec<String>,
         upload_limit: Option<u64>,
+        tuning: Tuning,
     ) -> anyhow::Result<Self> {
         let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, peer_port));
         let peer_id = PeerId::generate();
@@ -76,7 +91,7 @@ impl Swarm {
             }),
             connect: Some(ConnectionOptions {
                 peer_opts: Some(PeerConnectionOptions {
-                    max_request_window: Some(REQUEST_WINDOW),
+                    max_request_window: Some(tuning.request_window),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -85,7 +100,7 @@ impl Swarm {
             // Every upload chunk read holds a permit of this semaphore, and librqbit's default of
             // 8 starves a node serving many peers.
             runtime_worker_threads: Some(1024),
-            peer_limit: Some(128),
+            peer_limit: Some(tuning.peer_limit),
             ratelimits: librqbit::limits::LimitsConfig {
                 upload_bps: upload_limit
                     .and_then(|b| std::num::NonZeroU32::new(b.min(u32::MAX as u64) as u32)),
@@ -254,7 +269,9 @@ mod tests {
         let torrent =
             Arc::new(BlobTorrent::from_bytes(bay_common::Digest::sha256_of(&data), &data).unwrap());
         let meta = Bytes::from(torrent.to_metainfo(&[]));
-        let swarm = Swarm::start(0, dir.path(), vec![], None).await.unwrap();
+        let swarm = Swarm::start(0, dir.path(), vec![], None, Tuning::default())
+            .await
+            .unwrap();
         let landing = || {
             Arc::new(Landing::new(
                 dir.path().join(torrent.file_name()),
