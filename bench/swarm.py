@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -39,6 +40,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 REGISTRY_PORT = 5000
@@ -47,7 +49,17 @@ PEER_PORT = 6881
 LINK_CHECK_PORT = 5999
 REPO = "bench/img"
 TAG = "1"
-MODES = ("direct", "cold", "warm")
+MODES = ("direct", "cold", "warm", "aria2")
+# The modes where every node pulls through its own bay-proxy.
+BAY_MODES = ("cold", "warm")
+ANCHOR_TRACKER_PORT = 6969
+ANCHOR_SEED_PORT = 6882
+# --chaos: `loss` (1 % of the packets to and from a third of the nodes dropped, for the whole run), `kill-proxy`
+# (one proxy SIGKILLed mid-pull and started again on its data dir a second later), `kill-tracker`
+# (the second tracker of the HA pair SIGKILLed mid-pull; started again before the next mode),
+# `pause-registry` (docker-registry SIGSTOPped for 20 s early in the cold mode).
+FAULTS = ("loss", "kill-proxy", "kill-tracker", "pause-registry")
+REGISTRY_PAUSE_S = 20
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -161,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-link bandwidth B, both directions, every namespace incl. the registry "
                    "(e.g. 100mbit, 1gbit; a bare number is Mbit/s)")
     p.add_argument("--modes", default="direct,cold,warm",
-                   help="comma-separated subset of direct,cold,warm, run in that order")
+                   help="comma-separated subset of direct,cold,warm,aria2, run in that order (aria2 only "
+                   "with --blob)")
+    p.add_argument("--blob", action="store_true",
+                   help="single-blob mode: the image is one layer of --size, and every node GETs that blob "
+                   "with curl (no manifest, so no prefetch); mode aria2 is the anchor: aria2c on every "
+                   "node with opentracker and one aria2c seed, on the same links")
     p.add_argument("--client", choices=("skopeo", "parallel"), default="skopeo",
                    help="skopeo: `skopeo copy ... dir:` (fetches the blobs one after another); parallel: a "
                    "small Python client that GETs the manifest, then every blob at once (like docker pull), "
@@ -186,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra argument for every bay-proxy (repeatable, e.g. --proxy-arg=--stall-timeout=10)")
     p.add_argument("--tracker-arg", action="append", default=[], help="extra argument for bay-tracker (repeatable)")
     p.add_argument("--seed", type=int, default=1, help="seed of the image's pseudo-random layer bytes")
+    p.add_argument("--trackers", type=int, choices=(1, 2), default=1,
+                   help="bay-trackers: 2 is an HA pair (every proxy knows both), needed by --chaos")
+    p.add_argument("--chaos", type=int, metavar="SEED", default=None,
+                   help="inject faults while the swarm modes run, chosen and timed by this seed (see "
+                   "--chaos-faults); implies --trackers 2 and skopeo retries")
+    p.add_argument("--chaos-faults", default=",".join(FAULTS),
+                   help=f"which faults --chaos injects, a subset of {','.join(FAULTS)}")
+    p.add_argument("--loss", type=float, default=1.0,
+                   help="percent of packets the `loss` fault drops on each chosen node's links, both ways")
     p.add_argument("--bin-dir", default=None, help="directory with bay-proxy and bay-tracker (default: target/release)")
     p.add_argument("--out", default=None, help="results directory (default: bench/out/<time>-n<N>-s<S>-b<B>)")
     p.add_argument("--work-dir", default=None, help="scratch directory, removed at exit (default: a new temp dir)")
@@ -358,6 +384,15 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
+def bencoded_name(torrent: bytes) -> str:
+    """`info.name` of a single-file torrent: the file aria2c writes."""
+    m = re.search(rb"4:name(\d+):", torrent)
+    if not m:
+        raise ValueError("torrent without info.name")
+    n, at = int(m.group(1)), m.end()
+    return torrent[at:at + n].decode()
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -367,19 +402,29 @@ class Bench:
         self.ns_br = f"{self.rid}-br"
         self.ns_reg = f"{self.rid}-reg"
         self.ns_trk = f"{self.rid}-trk"
+        self.ns_trk2 = f"{self.rid}-trk2"
         self.ns_nodes = [f"{self.rid}-n{i}" for i in range(args.nodes)]
         self.namespaces: list[str] = []
         self.procs: dict[int, tuple[str, subprocess.Popen]] = {}
         self.net = args.subnet
         self.reg_ip = f"{self.net}.2"
         self.trk_ip = f"{self.net}.3"
+        self.trk2_ip = f"{self.net}.4"
         self.node_ips = [f"{self.net}.{10 + i}" for i in range(args.nodes)]
         self.registry_url = f"http://{self.reg_ip}:{REGISTRY_PORT}"
         self.tracker_url = f"http://{self.trk_ip}:{TRACKER_PORT}"
+        self.tracker2_url = f"http://{self.trk2_ip}:{TRACKER_PORT}"
         self.registry = None
         self.tracker = None
+        self.tracker2 = None
+        self.chaos = args.chaos is not None
+        self.faults = [f for f in args.chaos_faults.split(",") if f] if self.chaos else []
+        self.lossy_nodes: list[int] = []
         self.proxies: list[subprocess.Popen] = []
         self.proxy_dirs: list[Path] = []
+        self.anchor: list[subprocess.Popen] = []
+        self.anchor_torrent: Path | None = None
+        self.anchor_name = ""
         # A scratch dir we created, or an empty one we were handed (swarm.sh's mktemp), is ours to remove.
         given = Path(args.work_dir) if args.work_dir else None
         self.own_work = given is None or not given.exists() or not any(given.iterdir())
@@ -502,6 +547,8 @@ class Bench:
         run(["ip", "-n", self.ns_br, "link", "add", "br0", "type", "bridge", "stp_state", "0"])
         run(["ip", "-n", self.ns_br, "link", "set", "br0", "up"])
         hosts = [(self.ns_reg, "p-reg", self.reg_ip), (self.ns_trk, "p-trk", self.trk_ip)]
+        if self.args.trackers == 2:
+            hosts.append((self.ns_trk2, "p-trk2", self.trk2_ip))
         hosts += [(ns, f"p-n{i}", ip) for i, (ns, ip) in enumerate(zip(self.ns_nodes, self.node_ips))]
         for ns, port, ip in hosts:
             self.add_ns(ns)
@@ -517,6 +564,31 @@ class Bench:
             self.shape(ns, "eth0")          # what this host sends
             self.shape(self.ns_br, port)    # what this host receives
         self.bridge_ports = [p for _, p, _ in hosts]
+
+    def add_loss(self) -> None:
+        """The `loss` fault: --loss percent of the packets a seeded third of the nodes send or
+        receive are dropped where they arrive, after crossing their shaped links (this kernel has
+        no netem; iptables' statistic match drops at random all the same)."""
+        a = self.args
+        k = max(1, a.nodes // 3)
+        self.lossy_nodes = sorted(random.Random(f"{a.chaos}-loss").sample(range(a.nodes), k))
+        hosts = [self.ns_reg, self.ns_trk] + ([self.ns_trk2] if a.trackers == 2 else []) + self.ns_nodes
+        drop = ["-m", "statistic", "--mode", "random", "--probability", f"{a.loss / 100:.4f}", "-j", "DROP"]
+        for i in self.lossy_nodes:
+            run(["ip", "netns", "exec", self.ns_nodes[i], "iptables", "-A", "INPUT", *drop])
+            for ns in hosts:
+                if ns != self.ns_nodes[i]:
+                    run(["ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-s", self.node_ips[i], *drop])
+        log(f"chaos: {a.loss} % packet loss both ways on nodes {', '.join(f'n{i}' for i in self.lossy_nodes)}")
+
+    def loss_drops(self) -> int:
+        """Packets the `loss` fault dropped so far, over every namespace."""
+        hosts = [self.ns_reg, self.ns_trk] + ([self.ns_trk2] if self.args.trackers == 2 else []) + self.ns_nodes
+        total = 0
+        for ns in hosts:
+            out = run(["ip", "netns", "exec", ns, "iptables", "-L", "INPUT", "-v", "-n", "-x"]).stdout
+            total += sum(int(l.split()[0]) for l in out.splitlines() if "statistic" in l)
+        return total
 
     def bridge_counters(self) -> dict[str, tuple[int, int]]:
         """Bridge-side (rx, tx) bytes of every port: rx of p-x is what host x sent, tx what it got."""
@@ -639,25 +711,45 @@ class Bench:
         return image
 
     def start_tracker(self) -> None:
-        data = self.work / "tracker"
-        data.mkdir()
-        argv = [str(self.bin_dir / "bay-tracker"), "--listen", f"{self.trk_ip}:{TRACKER_PORT}",
+        self.tracker = self.start_one_tracker(self.ns_trk, self.trk_ip, "tracker")
+        if self.args.trackers == 2:
+            self.tracker2 = self.start_one_tracker(self.ns_trk2, self.trk2_ip, "tracker2")
+
+    def start_one_tracker(self, ns: str, ip: str, name: str) -> subprocess.Popen:
+        """Starts (or starts again, on the same data dir) the tracker of namespace `ns`."""
+        data = self.work / name
+        data.mkdir(exist_ok=True)
+        argv = [str(self.bin_dir / "bay-tracker"), "--listen", f"{ip}:{TRACKER_PORT}",
                 "--peer-port", str(PEER_PORT), "--upstream", self.registry_url, "--data-dir", str(data),
                 *self.args.tracker_arg]
-        self.tracker = self.spawn("bay-tracker", self.ns_trk, argv, "tracker.log")
-        self.wait_http(self.ns_trk, f"{self.tracker_url}/healthz", self.tracker, "bay-tracker")
-        log(f"bay-tracker up at {self.tracker_url} (pid {self.tracker.pid})")
+        p = self.spawn(f"bay-{name}", ns, argv, f"{name}.log")
+        self.wait_http(ns, f"http://{ip}:{TRACKER_PORT}/healthz", p, f"bay-{name}")
+        log(f"bay-{name} up at http://{ip}:{TRACKER_PORT} (pid {p.pid})")
+        return p
+
+    def tracker_urls(self) -> list[str]:
+        return [self.tracker_url] + ([self.tracker2_url] if self.args.trackers == 2 else [])
+
+    def ensure_trackers(self) -> None:
+        """Starts a tracker the last mode's chaos killed again, on its data dir."""
+        if self.tracker2 is not None and self.tracker2.poll() is not None:
+            self.procs.pop(self.tracker2.pid, None)
+            self.tracker2 = self.start_one_tracker(self.ns_trk2, self.trk2_ip, "tracker2")
+
+    def proxy_argv(self, i: int, data: Path) -> list[str]:
+        trackers = [arg for url in self.tracker_urls() for arg in ("--tracker", url)]
+        return [str(self.bin_dir / "bay-proxy"), "--listen", f"{self.node_ips[i]}:{self.args.proxy_port}",
+                "--peer-port", str(PEER_PORT), *trackers,
+                "--upstream", self.registry_url, "--default-upstream", self.registry_url,
+                "--data-dir", str(data), *self.args.proxy_arg]
 
     def start_proxies(self, mode: str) -> None:
         self.proxies, self.proxy_dirs = [], []
-        for i, (ns, ip) in enumerate(zip(self.ns_nodes, self.node_ips)):
+        for i, ns in enumerate(self.ns_nodes):
             data = self.work / f"proxy-{mode}-n{i}"
             data.mkdir()
-            argv = [str(self.bin_dir / "bay-proxy"), "--listen", f"{ip}:{self.args.proxy_port}",
-                    "--peer-port", str(PEER_PORT), "--tracker", self.tracker_url,
-                    "--upstream", self.registry_url, "--default-upstream", self.registry_url,
-                    "--data-dir", str(data), *self.args.proxy_arg]
-            self.proxies.append(self.spawn(f"bay-proxy n{i}", ns, argv, f"{mode}-proxy-n{i}.log"))
+            self.proxies.append(self.spawn(f"bay-proxy n{i}", ns, self.proxy_argv(i, data),
+                                           f"{mode}-proxy-n{i}.log"))
             self.proxy_dirs.append(data)
         for i, p in enumerate(self.proxies):
             self.wait_http(self.ns_nodes[i], f"http://{self.node_ips[i]}:{self.args.proxy_port}/_bay/healthz",
@@ -671,13 +763,148 @@ class Bench:
         self.proxies, self.proxy_dirs = [], []
 
     def prewarm_tracker(self, image: dict) -> None:
-        """For `warm` without `cold`: have the tracker fetch and seed every blob first."""
+        """For `warm` without `cold`: have the trackers fetch and seed every blob first."""
         for blob in image["layers"] + [image["config"]]:
-            url = f"{self.tracker_url}/v1/torrents/{self.reg_ip}:{REGISTRY_PORT}/{REPO}/blobs/{blob['digest']}"
-            code, _ = self.http(self.ns_trk, url, timeout=self.args.phase_timeout)
-            if code != 200:
-                raise RuntimeError(f"tracker could not fetch {blob['digest']}: HTTP {code}")
-        log("tracker holds every blob")
+            for base in self.tracker_urls():
+                url = f"{base}/v1/torrents/{self.reg_ip}:{REGISTRY_PORT}/{REPO}/blobs/{blob['digest']}"
+                code, _ = self.http(self.ns_trk, url, timeout=self.args.phase_timeout)
+                if code != 200:
+                    raise RuntimeError(f"tracker could not fetch {blob['digest']}: HTTP {code}")
+        log("the trackers hold every blob")
+
+    # -- the aria2c anchor (--blob, mode aria2) ---------------------------------------------
+
+    def aria2_argv(self, out: Path, port: int, torrent: Path, extra: list[str], log_name: str) -> list[str]:
+        """aria2c on one host: peers only from opentracker (no DHT, LPD or PEX), the hook that
+        marks the download done, and it keeps seeding until stopped."""
+        out.mkdir(parents=True, exist_ok=True)
+        return ["aria2c", "--no-conf=true", "--disable-ipv6=true", "--enable-dht=false", "--enable-dht6=false",
+                "--bt-enable-lpd=false", "--enable-peer-exchange=false", "--allow-overwrite=true",
+                "--auto-file-renaming=false", "--file-allocation=none", "--console-log-level=warn",
+                "--summary-interval=0", "--show-console-readout=false", "--enable-color=false",
+                f"--listen-port={port}", f"--dir={out}", f"--stop-with-process={os.getpid()}",
+                f"--bt-tracker=http://{self.trk_ip}:{ANCHOR_TRACKER_PORT}/announce", "--bt-exclude-tracker=*",
+                f"--on-bt-download-complete={self.work / 'aria2-done.sh'}",
+                f"--log={self.logs / log_name}", "--log-level=info", *extra, str(torrent)]
+
+    def start_anchor(self, image: dict) -> None:
+        """opentracker and an aria2c seed on the tracker's host, with bay's torrent of the blob
+        (the same pieces a bay swarm moves)."""
+        blob = image["layers"][0]
+        url = f"{self.tracker_url}/v1/torrents/{self.reg_ip}:{REGISTRY_PORT}/{REPO}/blobs/{blob['digest']}"
+        torrent = self.work / "anchor.torrent"
+        headers = self.ns_exec(self.ns_trk, ["curl", "-sSf", "--noproxy", "*", "-D", "-", "-o", str(torrent), url],
+                               timeout=self.args.phase_timeout).stdout
+        info_hash = re.search(r"(?im)^x-bay-info-hash:\s*([0-9a-f]{40})", headers).group(1)
+        # Debian's opentracker serves only whitelisted torrents; it chroots into its dir first.
+        ot_dir = self.work / "anchor-opentracker"
+        ot_dir.mkdir(exist_ok=True)
+        (ot_dir / "whitelist").write_text(info_hash + "\n")
+        self.anchor_torrent = torrent
+        self.anchor_name = bencoded_name(torrent.read_bytes())
+        hook = self.work / "aria2-done.sh"
+        hook.write_text('#!/bin/sh\ntouch "$(dirname "$3")/done"\n')
+        hook.chmod(0o755)
+        seed_dir = self.work / "anchor-seed"
+        seed_dir.mkdir(exist_ok=True)
+        self.ns_exec(self.ns_reg, ["curl", "-sSf", "--noproxy", "*", "-o", str(seed_dir / self.anchor_name),
+                                   f"{self.registry_url}/v2/{REPO}/blobs/{blob['digest']}"], timeout=600)
+        self.anchor = [
+            self.spawn("opentracker", self.ns_trk, ["opentracker", "-i", self.trk_ip, "-p", str(ANCHOR_TRACKER_PORT),
+                                                  "-P", str(ANCHOR_TRACKER_PORT), "-d", str(ot_dir),
+                                                  "-w", "/whitelist"],
+                       "anchor-opentracker.log"),
+            self.spawn("aria2c seed", self.ns_trk,
+                       self.aria2_argv(seed_dir, ANCHOR_SEED_PORT, torrent,
+                                       ["--check-integrity=true", "--seed-ratio=0.0", "--bt-seed-unverified=false"],
+                                       "anchor-seed.debug.log"),
+                       "anchor-seed.log"),
+        ]
+        # The seed has checked its file (the hook marks it) and announced itself.
+        deadline = time.monotonic() + 120
+        while not (seed_dir / "done").exists():
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.anchor):
+                raise RuntimeError("the aria2c seed did not start seeding: see logs/anchor-seed.log")
+            time.sleep(0.1)
+        time.sleep(2)
+        log(f"anchor: opentracker at {self.trk_ip}:{ANCHOR_TRACKER_PORT}, aria2c seeding {self.anchor_name}")
+
+    def stop_anchor(self) -> None:
+        self.stop_all(self.anchor)
+        self.anchor = []
+        shutil.rmtree(self.work / "anchor-seed", ignore_errors=True)
+
+    # -- chaos -----------------------------------------------------------------------------
+
+    def chaos_plan(self, mode: str, tstar: float) -> list[tuple[float, str, int]]:
+        """The faults of one mode: (seconds after the start, fault, which), from the seed."""
+        # Every draw is made whichever faults are on, so a fault strikes at the same moment
+        # alone as with the others: runs with a subset of the faults compare with the full one.
+        r = random.Random(f"{self.args.chaos}-{mode}")
+        drawn = [(r.uniform(0.2, 0.4) * tstar, "kill-proxy", r.randrange(self.args.nodes)),
+                 (r.uniform(0.3, 0.6) * tstar, "kill-tracker", 2),
+                 (r.uniform(0.0, 0.2) * tstar, "pause-registry", 0)]
+        return sorted(d for d in drawn if d[1] in self.faults
+                      and (d[1] != "kill-tracker" or self.tracker2 is not None)
+                      and (d[1] != "pause-registry" or mode == "cold"))
+
+    def chaos_run(self, mode: str, plan, start: float, stop: threading.Event, events: list) -> None:
+        """Carries the plan out while the pulls run; records what happened when."""
+        def note(what: str) -> None:
+            events.append({"t": round(time.monotonic() - start, 2), "event": what})
+            log(f"[{mode}] chaos at {time.monotonic() - start:.1f} s: {what}")
+
+        threads = [threading.Thread(target=self.chaos_strike, args=(mode, f, start, stop, note),
+                                    name=f"chaos-{f[1]}", daemon=True) for f in plan]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def chaos_strike(self, mode: str, planned, start: float, stop: threading.Event, note) -> None:
+        """One fault of the plan, at its moment (each in its own thread: a 20 s pause of the
+        registry does not hold the others back)."""
+        at, fault, which = planned
+        if stop.wait(max(0.0, start + at - time.monotonic())):
+            return
+        if fault == "kill-proxy":
+            p = self.proxies[which]
+            try:
+                p.kill()
+                p.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            self.procs.pop(p.pid, None)
+            note(f"killed bay-proxy n{which}")
+            time.sleep(1)
+            self.proxies[which] = self.spawn(f"bay-proxy n{which}", self.ns_nodes[which],
+                                             self.proxy_argv(which, self.proxy_dirs[which]),
+                                             f"{mode}-proxy-n{which}.log")
+            note(f"started bay-proxy n{which} again on its data dir")
+        elif fault == "kill-tracker":
+            try:
+                self.tracker2.kill()
+                self.tracker2.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            note("killed bay-tracker 2 of 2")
+        elif fault == "pause-registry":
+            os.kill(self.registry.pid, signal.SIGSTOP)
+            note(f"paused docker-registry (SIGSTOP) for {REGISTRY_PAUSE_S} s")
+            stop.wait(REGISTRY_PAUSE_S)
+            os.kill(self.registry.pid, signal.SIGCONT)
+            note("resumed docker-registry (SIGCONT)")
+
+    def fallbacks_by_reason(self) -> dict[str, int]:
+        """The proxies' bay_fallbacks_total by reason (a restarted proxy counts from its restart)."""
+        out: dict[str, int] = {}
+        for i in range(self.args.nodes):
+            url = f"http://{self.node_ips[i]}:{self.args.proxy_port}/_bay/metrics"
+            r = self.ns_exec(self.ns_nodes[i], ["curl", "-sS", "--noproxy", "*", "--max-time", "10", url],
+                             check=False, timeout=15)
+            for m in re.finditer(r'^bay_fallbacks_total\{reason="(\w+)"\} (\d+)', r.stdout, re.M):
+                out[m.group(1)] = out.get(m.group(1), 0) + int(m.group(2))
+        return out
 
     # -- one mode --------------------------------------------------------------------------
 
@@ -704,7 +931,7 @@ class Bench:
 
     def run_mode(self, mode: str, image: dict) -> dict:
         a = self.args
-        blobs = image["layers"] + [image["config"]]
+        blobs = image["layers"][:1] if a.blob else image["layers"] + [image["config"]]
         S = sum(b["size"] for b in blobs)
         tstar = S * 8 / a.bandwidth
         if mode == "direct":
@@ -719,23 +946,47 @@ class Bench:
         ports0 = self.bridge_counters()
         tcp0 = self.tcp_snapshot()
         drops0 = self.qdisc_drops()
+        lost0 = self.loss_drops() if self.lossy_nodes else 0
         svc_cpu0 = self.service_cpu()
         irq0 = cpu_jiffies(with_irq=True)
         window0 = time.monotonic()
         results: list[dict] = [{} for _ in range(a.nodes)]
+        how = {"direct": "from the registry", "aria2": "with aria2c, opentracker and an aria2c seed"}
         log(f"[{mode}] {a.nodes} nodes pull {fmt_bytes(S)} at once "
-            f"({'from the registry' if mode == 'direct' else 'each through its own bay-proxy'}); "
+            f"({how.get(mode, 'each through its own bay-proxy')}); "
             f"T* = S/B = {tstar:.1f} s, timeout {a.phase_timeout:.0f} s")
         sampler = self.start_sampler(mode)
         time.sleep(2 * a.sample_interval)
         start = time.monotonic()
+        chaos_events: list[dict] = []
+        chaos_stop = threading.Event()
+        chaos_thread = None
+        if self.chaos and mode in BAY_MODES:
+            plan = self.chaos_plan(mode, tstar)
+            chaos_thread = threading.Thread(target=self.chaos_run, args=(mode, plan, start, chaos_stop, chaos_events),
+                                            name="chaos", daemon=True)
+            chaos_thread.start()
+        # Under chaos a client retries, as docker does, so a killed proxy costs a retry.
+        retries = 5 if self.chaos else 0
         pulls = []
         for i in range(a.nodes):
-            if a.client == "skopeo":
-                argv = ["skopeo", "--insecure-policy", "copy", "--retry-times=0", "--src-tls-verify=false",
+            if mode == "aria2":
+                argv = self.aria2_argv(outs[i], PEER_PORT, self.anchor_torrent, ["--seed-ratio=0.0"],
+                                       f"aria2-n{i}.debug.log")
+            elif a.blob:
+                digest = blobs[0]["digest"]
+                argv = ["sh", "-c", 'mkdir -p "$0" && exec curl -sS --fail --noproxy "*" -o "$0/$1" "$2"',
+                        str(outs[i]), digest[7:], f"http://{sources[i]}/v2/{REPO}/blobs/{digest}"]
+            elif a.client == "skopeo":
+                argv = ["skopeo", "--insecure-policy", "copy", f"--retry-times={retries}", "--src-tls-verify=false",
                         "--src-no-creds", f"docker://{sources[i]}/{REPO}:{TAG}", f"dir:{outs[i]}"]
             else:
                 argv = ["python3", "-c", PARALLEL_CLIENT, f"http://{sources[i]}", REPO, TAG, str(outs[i])]
+            if self.chaos:
+                # As a CI job does around `docker pull`: a pull that fails (its proxy was killed
+                # under it) is run again from scratch, up to 5 times.
+                argv = ["sh", "-c", 'for a in 1 2 3 4 5; do echo "bench: attempt $a"; rm -rf "$0"; '
+                        '"$@" && exit 0; sleep 1; done; exit 1', str(outs[i]), *argv]
             pulls.append(self.spawn(f"client n{i}", self.ns_nodes[i], argv, f"{mode}-client-n{i}.log"))
             results[i]["launched_s"] = time.monotonic() - start
 
@@ -747,8 +998,21 @@ class Bench:
             results[i]["cpu_s"] = usage.ru_utime + usage.ru_stime
             self.procs.pop(p.pid, None)
 
-        reapers = [threading.Thread(target=reap, args=(i, p), name=f"reap-n{i}", daemon=True)
-                   for i, p in enumerate(pulls)]
+        def seen_done(i: int) -> None:
+            # aria2c keeps seeding after its download, as a proxy does: done is when its
+            # --on-bt-download-complete hook left the marker.
+            marker = outs[i] / "done"
+            while not marker.exists() and time.monotonic() < start + a.phase_timeout:
+                if pulls[i].poll() is not None:
+                    return
+                time.sleep(0.02)
+            if marker.exists():
+                results[i]["seconds"] = time.monotonic() - start
+                results[i]["exit"] = 0
+
+        target = seen_done if mode == "aria2" else reap
+        reapers = [threading.Thread(target=target, args=(i,) if mode == "aria2" else (i, p), name=f"reap-n{i}",
+                                    daemon=True) for i, p in enumerate(pulls)]
         for t in reapers:
             t.start()
         deadline = start + a.phase_timeout
@@ -775,6 +1039,20 @@ class Bench:
                 last_report = now
             time.sleep(0.05)
         wall = time.monotonic() - start
+        if mode == "aria2":
+            for i, p in enumerate(pulls):
+                results[i]["cpu_s"] = proc_cpu_seconds(p.pid) if p.poll() is None else 0.0
+            self.stop_all(pulls, grace=3)
+            for r in results:
+                r.setdefault("exit", 1)
+        if chaos_thread is not None:
+            chaos_stop.set()
+            chaos_thread.join(30)
+            # A registry still paused when the pulls ended is resumed.
+            try:
+                os.kill(self.registry.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         # CPU accounting window: from just before the sampler started to the last pull's end.
         irq1, svc_cpu1 = cpu_jiffies(with_irq=True), self.service_cpu()
         window = time.monotonic() - window0
@@ -785,12 +1063,14 @@ class Bench:
         tcp1 = self.tcp_snapshot()
         drops1 = self.qdisc_drops()
 
-        # Each copy must hold every blob at its size (skopeo itself verified the digests).
+        # Each copy must hold every blob with its digest: skopeo checks too, this does not trust it.
         for i, r in enumerate(results):
             r["node"] = i
             r["ok"] = r.get("exit") == 0 and all(
-                (outs[i] / b["digest"][7:]).is_file() and (outs[i] / b["digest"][7:]).stat().st_size == b["size"]
-                for b in blobs)
+                self.holds(outs[i] / (self.anchor_name if mode == "aria2" else b["digest"][7:]), b) for b in blobs)
+            if self.chaos:
+                text = (self.logs / f"{mode}-client-n{i}.log").read_text(errors="replace")
+                r["attempts"] = text.count("bench: attempt ")
             if not r["ok"]:
                 tail = (self.logs / f"{mode}-client-n{i}.log").read_text(errors="replace")[-400:]
                 r["error"] = tail.strip() or f"exit {r.get('exit')}"
@@ -805,7 +1085,7 @@ class Bench:
             "upstream_blob_bytes": self.registry_blob_bytes(access_lines_before),
             "node_rx_bytes": sum(ports1[f"p-n{i}"][1] - ports0[f"p-n{i}"][1] for i in range(a.nodes)),
             "node_tx_bytes": sum(ports1[f"p-n{i}"][0] - ports0[f"p-n{i}"][0] for i in range(a.nodes)),
-            "tracker_tx_bytes": ports1["p-trk"][0] - ports0["p-trk"][0],
+            "tracker_tx_bytes": sum(ports1[p][0] - ports0[p][0] for p in ("p-trk", "p-trk2") if p in ports1),
         }
         out["max_over_tstar"] = out["max_s"] / tstar if times else None
         out["tcp_cc_seen"] = cc_seen
@@ -826,6 +1106,7 @@ class Bench:
         out["cpu"] = self.cpu_summary(samples, start, wall, svc_cpu0, svc_cpu1, results, irq0, irq1, window)
         out["cpu"]["before"] = quiet
         # The link that bounds the mode: the registry's uplink for direct, the nodes' downlinks else.
+        out["progress"] = self.progress(samples, start, results)
         if mode == "direct":
             out["link_util"] = reg_tx * 8 / (wall * a.bandwidth)
         else:
@@ -833,8 +1114,12 @@ class Bench:
         c = out["cpu"]
         out["bound"] = ("link" if out["link_util"] >= 0.85 else
                         "CPU" if c["busy_avg"] >= 0.9 else "neither")
-        if mode != "direct":
+        if mode in BAY_MODES:
             out.update(self.swarm_stats(mode, blobs, tracker_before))
+            out["fallbacks_by_reason"] = self.fallbacks_by_reason()
+        if self.chaos:
+            out["chaos"] = {"events": chaos_events, "lossy_nodes": self.lossy_nodes,
+                            "loss_dropped_packets": (self.loss_drops() - lost0) if self.lossy_nodes else 0}
         done = f"p50 {out['p50_s']:.1f} s, max {out['max_s']:.1f} s" if times else "no node finished"
         log(f"[{mode}] {len(times)}/{a.nodes} ok, {done}; registry sent {fmt_bytes(reg_tx)}; "
             f"CPU busy {100 * out['cpu']['busy_avg']:.0f} % avg; TCP segments retransmitted: "
@@ -843,6 +1128,17 @@ class Bench:
             + "; packets dropped by the shaped queues: "
             + ", ".join(f"{k.replace('_', ' ')}link {v}" for k, v in out["qdisc_drops"].items()))
         return out
+
+    @staticmethod
+    def holds(path: Path, blob: dict) -> bool:
+        """Whether `path` is the blob: its size and its sha256."""
+        if not path.is_file() or path.stat().st_size != blob["size"]:
+            return False
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(4 << 20):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest() == blob["digest"]
 
     def start_sampler(self, mode: str) -> subprocess.Popen:
         """A sampler inside the bridge namespace: reads the bridge ports' byte counters from /sys
@@ -859,6 +1155,8 @@ class Bench:
             " c={p:(rd(p,'rx_bytes'),rd(p,'tx_bytes')) for p in ports}\n"
             " print(json.dumps([t,sum(v)-v[3]-v[4],sum(v),c]),flush=True)\n"
             " time.sleep(iv-(time.monotonic()-t)%iv)\n")
+        # Appending to the samples of an earlier run into the same --out would mix them in.
+        (self.logs / f"{mode}-samples.jsonl").unlink(missing_ok=True)
         return self.spawn(f"sampler {mode}", self.ns_br,
                           ["nice", "-n", "-10", "python3", "-c", script, str(self.args.sample_interval),
                            ",".join(self.bridge_ports)], f"{mode}-samples.jsonl")
@@ -903,13 +1201,41 @@ class Bench:
         for (t0, b0, tot0, c0), (t1, b1, tot1, c1) in zip(samples, samples[1:]):
             dt_ = t1 - t0
             rx = sum(c1[f"p-n{i}"][1] - c0[f"p-n{i}"][1] for i in range(a.nodes))
+            tx = sum(c1[f"p-n{i}"][0] - c0[f"p-n{i}"][0] for i in range(a.nodes))
             rows.append({
                 "t": round(t1 - start, 3),
                 "cpu_busy": (b1 - b0) / max(1, tot1 - tot0),
                 "registry_tx_bps": (c1["p-reg"][0] - c0["p-reg"][0]) * 8 / dt_,
                 "nodes_rx_bps": rx * 8 / dt_,
+                "nodes_tx_bps": tx * 8 / dt_,
+                "tracker_tx_bps": (c1["p-trk"][0] - c0["p-trk"][0]) * 8 / dt_ if "p-trk" in c1 else 0.0,
             })
         return rows
+
+    def progress(self, samples: list[tuple], start: float, results: list[dict]) -> dict:
+        """Each node's download over time from its link's byte counter: the fraction of what it
+        had received by its completion, the time it reached 95 % and the tail after that."""
+        nodes = []
+        for r in results:
+            i = r["node"]
+            port = f"p-n{i}"
+            before = [c[port][1] for (t, _, _, c) in samples if t <= start]
+            base = before[-1] if before else samples[0][3][port][1] if samples else 0
+            if "seconds" not in r or not samples:
+                nodes.append({"node": i, "t95_s": None, "tail_s": None, "curve": []})
+                continue
+            end = start + r["seconds"]
+            after = [c[port][1] for (t, _, _, c) in samples if t >= end]
+            total = (after[0] if after else samples[-1][3][port][1]) - base
+            curve = [[round(t - start, 2), round(min(1.0, (c[port][1] - base) / total), 4) if total else 1.0]
+                     for (t, _, _, c) in samples if start <= t <= end + self.args.sample_interval]
+            t95 = next((t for t, f in curve if f >= 0.95), r["seconds"])
+            t95 = min(t95, r["seconds"])
+            nodes.append({"node": i, "t95_s": t95, "tail_s": r["seconds"] - t95, "curve": curve})
+        done = [n for n in nodes if n["t95_s"] is not None]
+        return {"nodes": nodes,
+                "t95_max_s": max((n["t95_s"] for n in done), default=None),
+                "tail_max_s": max((n["tail_s"] for n in done), default=None)}
 
     def cpu_summary(self, samples, start, wall, svc0, svc1, results, irq0, irq1, window) -> dict:
         inside = [(b, t) for (ts, b, t, _) in samples if start - 1e-3 <= ts <= start + wall + self.args.sample_interval]
@@ -1028,13 +1354,42 @@ def targets(res: dict, n: int) -> list[dict]:
     S = res["image"]["S"]
     out = []
 
-    def add(name, value, limit, applies=True):
+    def add(name, value, limit, applies=True, stated="N=16"):
         if value is None:
             out.append({"target": name, "value": None, "limit": limit, "pass": False, "note": "not measured"})
         else:
             out.append({"target": name, "value": value, "limit": limit, "pass": value <= limit,
-                        "note": "" if applies else f"target is stated for N=16, this run has N={n}"})
+                        "note": "" if applies else f"target is stated for {stated}"})
 
+    if res["params"].get("blob"):
+        # Issue 21: one layer-sized blob, every node a plain GET at once, against aria2c.
+        small = S <= 16 << 20
+        stated = "N=8, 100 Mbit/s" + (", 16 MiB" if small else ", 64 MiB")
+        fits = n == 8 and res["params"]["bandwidth_bps"] == 100_000_000 and S in (16 << 20, 64 << 20)
+        if "warm" in modes:
+            add("warm: slowest node / T*", modes["warm"]["max_over_tstar"], 2.0 if small else 1.5, fits, stated)
+            add("warm: tracker egress / S", modes["warm"]["tracker_tx_bytes"] / S, 1.1)
+        if "cold" in modes and not small:
+            add("cold: slowest node / T*", modes["cold"]["max_over_tstar"], 2.0, fits, stated)
+        anchor = modes.get("aria2", {}).get("max_s")
+        for name in BAY_MODES:
+            if name in modes and anchor and modes[name]["max_s"]:
+                add(f"{name}: slowest node, bay / aria2c (ahead of it: < 1)", modes[name]["max_s"] / anchor, 1.0)
+        return out
+
+    chaos = res["params"].get("chaos")
+    if chaos:
+        # Issue 20's bar with every fault on: all pulls verified, warm within 2 T*, upstream 1.1 S.
+        for name, m in modes.items():
+            if name != "direct":
+                add(f"{name}: pulls not verified (of {n})", n - m["ok"], 0)
+        if "warm" in modes:
+            add("warm: slowest node / T* (chaos)", modes["warm"]["max_over_tstar"], 2.0, n == 16)
+        swarm = [m for m in ("cold", "warm") if m in modes]
+        if swarm:
+            up = sum(modes[m]["upstream_iface_bytes"] for m in swarm) / S
+            add(f"upstream bytes / S ({' + '.join(swarm)}, registry interface, chaos)", up, 1.1)
+        return out
     if "warm" in modes:
         w = modes["warm"]
         add("warm: slowest node / T*", w["max_over_tstar"], 1.3, n == 16)
@@ -1064,7 +1419,7 @@ def table(res: dict) -> str:
             continue
         m = modes[name]
         bd = m["max_s"] / direct_max if (direct_max and m["max_s"] and name != "direct") else None
-        if name == "direct":
+        if name not in BAY_MODES:
             seed = p2p = trk = fb = None
         else:
             seed = m["tracker_delta"].get("seed_uploaded_bytes", 0) / S
@@ -1077,6 +1432,23 @@ def table(res: dict) -> str:
             f"{m['upstream_blob_bytes'] / S:.3f} | {f(seed, '.2f')} | {f(p2p, '.2f')} | {f(trk, '.2f')} | "
             f"{'–' if fb is None else fb} | {100 * m['cpu']['busy_avg']:.0f} % / {100 * m['cpu']['busy_peak']:.0f} % | "
             f"{100 * m['link_util']:.0f} % | {m['bound']}{'*' if others_share(m) > 0.1 else ''} |")
+    if res["params"].get("blob"):
+        rows += ["", "| mode | slowest node s | max/T* | all nodes at 95 % s | longest tail (95 %→done) s | "
+                 "tracker egress /S | nodes' uplinks used |", "|---|---|---|---|---|---|---|"]
+        for name in MODES:
+            if name not in modes:
+                continue
+            m = modes[name]
+            pr = m.get("progress", {})
+            up = m["node_tx_bytes"] * 8 / (m["wall_s"] * n * res["params"]["bandwidth_bps"])
+            rows.append(f"| {name} | {f(m['max_s'])} | {f(m['max_over_tstar'], '.2f')} | {f(pr.get('t95_max_s'))} | "
+                        f"{f(pr.get('tail_max_s'))} | {m['tracker_tx_bytes'] / S:.2f} | {100 * up:.0f} % |")
+        for name in BAY_MODES:
+            if name in modes and modes[name].get("proxy_stats"):
+                per = [f"n{i} {s_.get('bytes_from_peers', 0) / 2**20:.0f}/{s_.get('bytes_from_trackers', 0) / 2**20:.0f}"
+                       f"/{s_.get('bytes_from_upstream', 0) / 2**20:.0f}"
+                       for i, s_ in enumerate(modes[name]["proxy_stats"])]
+                rows += ["", f"{name}: MiB per node from peers / trackers / upstream: {', '.join(per)}"]
     for name in MODES:
         sv = modes.get(name, {}).get("savings")
         if sv and sv["served_to_clients"]:
@@ -1120,7 +1492,7 @@ def plot(res: dict, out: Path) -> Path | None:
     data.mkdir(exist_ok=True)
     p = res["params"]
     tstar = res["modes"][next(iter(res["modes"]))]["tstar_s"]
-    colors = {"direct": "#d62728", "cold": "#1f77b4", "warm": "#2ca02c"}
+    colors = {"direct": "#d62728", "cold": "#1f77b4", "warm": "#2ca02c", "aria2": "#9467bd"}
     cdf_plots, cpu_plots, rate_plots = [], [], []
     xmax = tstar * 1.2
     for name, m in res["modes"].items():
@@ -1191,11 +1563,55 @@ unset multiplot
     return png
 
 
+def plot_progress(res: dict, out: Path) -> Path | None:
+    """progress.png: every node's download over time, one panel per swarm mode (--blob runs)."""
+    modes = [(n, m) for n, m in res["modes"].items() if n != "direct" and m.get("progress", {}).get("nodes")]
+    if not modes or not shutil.which("gnuplot"):
+        return None
+    data = out / "plot-data"
+    data.mkdir(exist_ok=True)
+    tstar = modes[0][1]["tstar_s"]
+    xmax = max(m["max_s"] or m["wall_s"] for _, m in modes) * 1.05
+    panels = []
+    for name, m in modes:
+        plots = []
+        for node in m["progress"]["nodes"]:
+            f = data / f"{name}-progress-n{node['node']}.dat"
+            f.write_text("".join(f"{t} {100 * v}\n" for t, v in node["curve"]))
+            plots.append(f"'{f}' using 1:2 with lines lw 1.2 notitle")
+        pr = m["progress"]
+        panels.append(
+            f"set title '{name}: slowest {m['max_s'] or 0:.1f} s = {m['max_over_tstar'] or 0:.2f} T*, all at 95 % by "
+            f"{pr['t95_max_s'] or 0:.1f} s, longest tail {pr['tail_max_s'] or 0:.1f} s'\n"
+            f"plot {', '.join(plots)}")
+    png = out / "progress.png"
+    p = res["params"]
+    script = f"""set terminal pngcairo size 1100,{320 * len(panels) + 60} font 'sans,10'
+set output '{png}'
+set multiplot layout {len(panels)},1 title 'per-node download progress: N={p['nodes']}, S={fmt_bytes(res['image']['S'])}, B={fmt_rate(p['bandwidth_bps'])}, T*={tstar:.1f} s'
+set xrange [0:{xmax:.1f}]
+set yrange [0:102]
+set xlabel 'time since the pulls started (s)'
+set ylabel '% of the bytes it received'
+set arrow 1 from {tstar:.3f}, graph 0 to {tstar:.3f}, graph 1 nohead dt 2 lw 2 lc rgb 'black'
+set grid
+{chr(10).join(panels)}
+unset multiplot
+"""
+    (data / "progress.gp").write_text(script)
+    r = run(["gnuplot", str(data / "progress.gp")], check=False)
+    if r.returncode != 0:
+        log(f"gnuplot failed on progress.png: {r.stderr.strip()[-500:]}")
+        return None
+    return png
+
+
 def report(res: dict, out: Path, png: Path | None) -> str:
     p, img = res["params"], res["image"]
     S = img["S"]
+    what = "one blob, GET with curl" if p.get("blob") else f"{img['layers']} layers + config"
     lines = [
-        f"## N={p['nodes']}, S={fmt_bytes(S)} ({img['layers']} layers + config), B={fmt_rate(p['bandwidth_bps'])}",
+        f"## N={p['nodes']}, S={fmt_bytes(S)} ({what}), B={fmt_rate(p['bandwidth_bps'])}",
         "",
         f"T* = S/B = {res['modes'][next(iter(res['modes']))]['tstar_s']:.1f} s; "
         + (f"link check: {res['link_check']['goodput_bps'] / 1e6:.1f} Mbit/s TCP goodput "
@@ -1217,7 +1633,7 @@ def report(res: dict, out: Path, png: Path | None) -> str:
         secs = ", ".join(f"{k} {v:.0f} s ({v / gib:.1f} s/GiB)" for k, v in c["cpu_seconds"].items() if v >= 0.5)
         share = c["ours_core_s"] / (c["cores"] * c["window_s"])
         extra = ""
-        if name != "direct":
+        if name in BAY_MODES:
             lt = m["proxy_log_totals"]
             extra = (f"; proxy log: {lt['swarm_blobs']} swarm blobs, from_peers {fmt_bytes(lt['from_peers'])}, "
                      f"from_trackers {fmt_bytes(lt['from_trackers'])}, "
@@ -1235,8 +1651,28 @@ def report(res: dict, out: Path, png: Path | None) -> str:
                      + (f"; TCP connections at T*/2 (n0 + {'tracker' if name != 'direct' else 'registry'}) by "
                         "congestion control: " + ", ".join(f"{k} {v}" for k, v in sorted(m["tcp_cc_seen"].items()))
                         if m.get("tcp_cc_seen") else ""))
+    chaos = p.get("chaos")
+    if chaos:
+        lossy = next((m["chaos"]["lossy_nodes"] for m in res["modes"].values() if m.get("chaos")), [])
+        lines += ["", f"Chaos (seed {chaos['seed']}, faults {', '.join(chaos['faults']) or 'none'}): "
+                  + (f"{chaos['loss_pct']} % loss both ways on {', '.join(f'n{i}' for i in lossy)}. "
+                     if "loss" in chaos["faults"] else "")]
+        for name, m in res["modes"].items():
+            if name not in BAY_MODES:
+                continue
+            ev = "; ".join(f"{e['t']:.1f} s {e['event']}" for e in m.get("chaos", {}).get("events", []))
+            fb = ", ".join(f"{k} {v}" for k, v in sorted(m.get("fallbacks_by_reason", {}).items()) if v)
+            slow = sorted(m["nodes"], key=lambda r: r.get("seconds", 0))[-1]
+            lost = m.get("chaos", {}).get("loss_dropped_packets", 0)
+            again = [f"n{r['node']} ×{r['attempts']}" for r in m["nodes"] if r.get("attempts", 1) > 1]
+            ev += f"; pulls run again: {', '.join(again) if again else 'none'}"
+            lines.append(f"- {name}: {ev or 'no events'}; {lost} packets dropped by the loss fault; "
+                         f"fallbacks by reason: {fb or 'none'}; "
+                         f"slowest n{slow['node']} {slow.get('seconds', 0):.1f} s")
     if png:
         lines += ["", f"Plot: [{png.name}]({png.name}) (next to this file)"]
+    if p.get("blob") and (out / "progress.png").exists():
+        lines += ["", "Per-node progress: [progress.png](progress.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -1262,15 +1698,33 @@ def main() -> int:
     if bad or not args.modes:
         sys.exit(f"unknown modes {bad}; choose from {','.join(MODES)}")
     args.modes = [m for m in MODES if m in args.modes]
+    if "aria2" in args.modes and not args.blob:
+        sys.exit("mode aria2 is the anchor of --blob runs: add --blob")
+    if args.blob:
+        args.layers = 1
+        if args.chaos is not None:
+            sys.exit("--chaos runs pull images: drop --blob")
+        for tool, pkg in (("aria2c", "aria2"), ("opentracker", "opentracker")) if "aria2" in args.modes else ():
+            if not shutil.which(tool):
+                sys.exit(f"mode aria2 needs {tool}: apt-get install -y {pkg}")
     if not 1 <= args.nodes <= 200:
         sys.exit("--nodes must be 1..200")
     if not re.fullmatch(r"10\.\d{1,3}\.\d{1,3}", args.subnet):
         sys.exit("--subnet must be three octets inside 10.0.0.0/8, e.g. 10.251.0")
+    if args.chaos is not None:
+        args.trackers = 2
+        bad = [f for f in args.chaos_faults.split(",") if f and f not in FAULTS]
+        if bad:
+            sys.exit(f"--chaos-faults: unknown {bad}; choose from {','.join(FAULTS)}")
+    if not 0 < args.loss < 100:
+        sys.exit(f"--loss {args.loss}: a percentage between 0 and 100")
     derive_timeouts(args)
     if args.replot:
         res = json.loads(Path(args.replot).read_text())
         out = Path(args.replot).parent
         png = plot(res, out)
+        if res["params"].get("blob"):
+            plot_progress(res, out)
         text = report(res, out, png)
         (out / "results.md").write_text(text)
         print(text)
@@ -1318,7 +1772,11 @@ def main() -> int:
                    "bandwidth_bps": args.bandwidth, "modes": args.modes, "subnet": f"{args.subnet}.0/24",
                    "tc": {"qdisc": "tbf", "latency_ms": args.tc_latency_ms}, "phase_timeout_s": args.phase_timeout,
                    "timeout_s": args.timeout, "proxy_args": args.proxy_arg, "tracker_args": args.tracker_arg,
-                   "sample_interval": args.sample_interval, "run_id": bench.rid, "client": args.client},
+                   "blob": args.blob,
+                   "sample_interval": args.sample_interval, "run_id": bench.rid, "client": "curl" if args.blob else args.client,
+                   "trackers": args.trackers,
+                   "chaos": ({"seed": args.chaos, "faults": bench.faults, "loss_pct": args.loss}
+                             if args.chaos is not None else None)},
         "machine": machine_info(Path(args.bin_dir)),
         "binaries": res_binaries,
         "modes": {},
@@ -1333,28 +1791,36 @@ def main() -> int:
             + (f", {args.tcp_cc_route} on their subnet route" if args.tcp_cc_route else ""))
         bench.start_registry()
         image = bench.push_image()
-        S = sum(b["size"] for b in image["layers"] + [image["config"]])
-        res["image"] = {"S": S, "layers": args.layers, "manifest": image["manifest"]["digest"],
-                        "blobs": image["layers"] + [image["config"]]}
+        pulled = image["layers"][:1] if args.blob else image["layers"] + [image["config"]]
+        S = sum(b["size"] for b in pulled)
+        res["image"] = {"S": S, "layers": args.layers, "manifest": image["manifest"]["digest"], "blobs": pulled}
         if not args.no_link_check:
             res["link_check"] = bench.link_check()
+        if bench.chaos and "loss" in bench.faults:
+            bench.add_loss()
         for mode in args.modes:
             if mode != "direct" and bench.tracker is None:
                 bench.start_tracker()
+            if mode in BAY_MODES:
+                bench.ensure_trackers()
             if mode == "warm" and "cold" not in args.modes:
                 bench.prewarm_tracker(image)
-            if mode != "direct":
+            if mode in BAY_MODES:
                 bench.start_proxies(mode)
+            if mode == "aria2":
+                bench.start_anchor(image)
             try:
                 res["modes"][mode] = bench.run_mode(mode, image)
             finally:
                 bench.stop_proxies()
+                bench.stop_anchor()
     except Abort as e:
         log(f"aborted: {e}")
         res["aborted"] = str(e)
         status = 130
     except Exception as e:  # noqa: BLE001 - report, tidy up, fail
         log(f"failed: {type(e).__name__}: {e}")
+        traceback.print_exc()
         res["error"] = f"{type(e).__name__}: {e}"
         status = 1
     finally:
@@ -1372,6 +1838,8 @@ def main() -> int:
         res["targets"] = targets(res, args.nodes)
         png = plot(res, out)
         res["plot"] = str(png) if png else None
+        if args.blob:
+            plot_progress(res, out)
         text = report(res, out, png)
         (out / "results.md").write_text(text)
         print(text)
