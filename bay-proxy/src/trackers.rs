@@ -359,7 +359,10 @@ impl Trackers {
     }
 
     /// This node's slice of a torrent to prioritise, from the first tracker by rank that
-    /// answers (so every proxy asks the same one); one that failed lately is skipped.
+    /// answers (so every proxy asks the same one); one that failed a torrent request lately is
+    /// skipped. A slot request's short timeout does not mark a tracker failed: one busy fetching
+    /// may be slow to accept, and torrent requests would then fail over to a tracker that
+    /// fetches the blob again.
     pub async fn slot(&self, info_hash: InfoHash, digest: &Digest, peer_port: u16) -> Option<Slot> {
         for i in self.ranked(digest) {
             if self.cooling(i) {
@@ -376,9 +379,6 @@ impl Trackers {
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await;
-            if resp.is_err() {
-                self.mark(i, false);
-            }
             if let Ok(r) = resp
                 && r.status().is_success()
                 && let Ok(slot) = r.json::<Slot>().await

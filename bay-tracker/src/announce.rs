@@ -440,8 +440,8 @@ impl Swarms {
 /// distinct slices are needed, random ones swarm badly).
 /// Leechers get indices in arrival order; index i starts at the van der Corput point of i
 /// (0, ½, ¼, ¾, ⅛, …), so slices stay balanced however many arrive, and each slice ends where
-/// the next live leecher's begins. Leechers ask again every second; those that stop asking
-/// free their index.
+/// the next live leecher's begins. Leechers ask again every second (five times a second at
+/// first); those that stop asking free their index.
 #[derive(Default)]
 pub struct Slots {
     inner: Mutex<HashMap<InfoHash, SlotTable>>,
