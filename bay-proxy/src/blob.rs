@@ -1459,10 +1459,12 @@ impl VerifyingBody {
                                 // instead would cost the registry another copy.
                                 continue;
                             }
+                            // `since` counts from the last progress, so this is how long the
+                            // client really waited (up to `patience()` with a seed reachable).
                             tracing::warn!(
                                 at = self.sent,
-                                "swarm made no progress for {:?}, continuing from upstream",
-                                self.blobs.stall_timeout
+                                "swarm made no progress for {:.0?}, continuing from upstream",
+                                since.elapsed()
                             );
                             self.blobs.metrics.fallback(reason::STALL);
                         }
