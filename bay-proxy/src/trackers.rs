@@ -546,12 +546,7 @@ mod tests {
         // one, asked to fetch instead, would fetch the blob from upstream a second time.
         let (flaky, steady, digest) = pair(Mode::DropFirstFetch, Mode::Steady).await;
         let trackers = Trackers::new(vec![flaky.url.clone(), steady.url.clone()]).unwrap();
-        let registry: Registry = "http://127.0.0.2:5000".parse().unwrap();
-        let name: RepositoryName = "library/alpine".parse().unwrap();
-        let fetched = trackers
-            .torrent(&registry, &name, &digest, None)
-            .await
-            .unwrap();
+        let fetched = torrent(&trackers, &digest).await;
         assert_eq!(fetched.from, flaky.url);
         assert_eq!(fetched.torrent.digest(), &digest);
         assert_eq!(
@@ -571,12 +566,7 @@ mod tests {
         use std::sync::atomic::Ordering;
         let (gone, steady, digest) = pair(Mode::DropAll, Mode::Steady).await;
         let trackers = Trackers::new(vec![gone.url.clone(), steady.url.clone()]).unwrap();
-        let registry: Registry = "http://127.0.0.2:5000".parse().unwrap();
-        let name: RepositoryName = "library/alpine".parse().unwrap();
-        let fetched = trackers
-            .torrent(&registry, &name, &digest, None)
-            .await
-            .unwrap();
+        let fetched = torrent(&trackers, &digest).await;
         assert_eq!(fetched.from, steady.url);
         // Each request to a gone tracker waits out a connect timeout in production: asked
         // for a held copy, then again to fetch, then once more, a pull waited three.
@@ -584,11 +574,18 @@ mod tests {
         assert_eq!(steady.fetches.load(Ordering::SeqCst), 1);
         // A second request for the blob does not wait on the gone tracker at all while it
         // cools down.
-        trackers
-            .torrent(&registry, &name, &digest, None)
-            .await
-            .unwrap();
+        torrent(&trackers, &digest).await;
         assert_eq!(gone.requests.load(Ordering::SeqCst), 1);
+    }
+
+    /// The torrent of `digest` for a repository on a made-up registry (the fakes ignore both).
+    async fn torrent(trackers: &Trackers, digest: &Digest) -> Fetched {
+        let registry: Registry = "http://127.0.0.2:5000".parse().unwrap();
+        let name: RepositoryName = "library/alpine".parse().unwrap();
+        trackers
+            .torrent(&registry, &name, digest, None)
+            .await
+            .unwrap()
     }
 
     fn rand_salt() -> [u8; 8] {
