@@ -483,13 +483,17 @@ impl Blobs {
         // Someone may have started it while we asked the tracker, or even finished it: a
         // tracker that was slow to answer (an unreachable one tried first) can take longer
         // than a small blob's whole download, which now seeds from the cache.
-        if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
-            return Ok(d.clone());
-        }
-        if self.store.get(&req.digest).is_some() {
-            return Err(Start::Held);
-        }
-        let started = self.start_download(req, fetched).await;
+        let running = self
+            .downloads
+            .lock()
+            .expect("poisoned")
+            .get(&req.digest)
+            .cloned();
+        let started = match running {
+            Some(d) => Ok(d),
+            None if self.store.get(&req.digest).is_some() => Err(Start::Held),
+            None => self.start_download(req, fetched).await,
+        };
         self.starting.lock().expect("poisoned").remove(&req.digest);
         started
     }
