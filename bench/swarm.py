@@ -1555,10 +1555,15 @@ set ylabel '% of N x B'
 plot {', '.join(rate_plots)}
 unset multiplot
 """
-    (data / "plot.gp").write_text(script)
-    r = run(["gnuplot", str(data / "plot.gp")], check=False)
+    return draw(script, data / "plot.gp", png)
+
+
+def draw(script: str, script_path: Path, png: Path) -> Path | None:
+    """Runs a gnuplot script that writes `png`; on failure logs why and returns None."""
+    script_path.write_text(script)
+    r = run(["gnuplot", str(script_path)], check=False)
     if r.returncode != 0:
-        log(f"gnuplot failed: {r.stderr.strip()[-500:]}")
+        log(f"gnuplot failed on {png.name}: {r.stderr.strip()[-500:]}")
         return None
     return png
 
@@ -1598,12 +1603,7 @@ set grid
 {chr(10).join(panels)}
 unset multiplot
 """
-    (data / "progress.gp").write_text(script)
-    r = run(["gnuplot", str(data / "progress.gp")], check=False)
-    if r.returncode != 0:
-        log(f"gnuplot failed on progress.png: {r.stderr.strip()[-500:]}")
-        return None
-    return png
+    return draw(script, data / "progress.gp", png)
 
 
 def report(res: dict, out: Path, png: Path | None) -> str:
