@@ -916,8 +916,8 @@ async fn full_cache_dir_direct_from_upstream() {
 }
 
 /// 4, with the swarm: the tracker seeds the blob, the proxy's librqbit writes pieces into
-/// tmp/ on the full tmpfs. The pull must still complete verified (falling back to upstream
-/// when the swarm cannot progress), and the proxy must log why.
+/// tmp/ on the full tmpfs. The pull must still complete verified (continuing from the tracker
+/// or upstream when the swarm cannot progress), and the proxy must log why.
 #[tokio::test(flavor = "multi_thread")]
 async fn full_cache_dir_with_the_swarm() {
     let _serial = serial().await;
@@ -940,8 +940,10 @@ async fn full_cache_dir_with_the_swarm() {
     assert!(got.verified(&layer.digest), "{}", got.summary());
     assert!(p.service.is_running(), "the proxy died");
     assert!(
-        log.contains("continuing from upstream") || log.contains("streaming from upstream"),
-        "the proxy does not log that it fell back to upstream"
+        log.contains("continuing from the tracker")
+            || log.contains("continuing from upstream")
+            || log.contains("streaming from upstream"),
+        "the proxy does not log where it continued from"
     );
     assert!(
         log.contains("No space left on device") || log.contains("cannot cache"),
@@ -1128,16 +1130,29 @@ struct TamperingRelay {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What the relay does to `/v1/pieces` answers.
+#[derive(Clone, Copy)]
+enum RelayFault {
+    /// Flips the byte at this blob offset.
+    FlipByteAt(u64),
+    /// Refuses (503) every request but one for the whole blob of this size: the web seed's
+    /// runs fail, a client stream continuing from the start gets through.
+    OnlyWholeBlob(u64),
+}
+
 struct RelayState {
     target: String,
-    /// The blob offset whose byte is flipped.
-    at: u64,
+    fault: RelayFault,
     tampered: Arc<AtomicU64>,
     client: reqwest::Client,
 }
 
 impl TamperingRelay {
     async fn start(target: &str, at: u64) -> TamperingRelay {
+        Self::with_fault(target, RelayFault::FlipByteAt(at)).await
+    }
+
+    async fn with_fault(target: &str, fault: RelayFault) -> TamperingRelay {
         let listener = tokio::net::TcpListener::bind((loopback_ip(), 0))
             .await
             .unwrap();
@@ -1145,7 +1160,7 @@ impl TamperingRelay {
         let tampered = Arc::new(AtomicU64::new(0));
         let state = Arc::new(RelayState {
             target: target.trim_end_matches('/').to_string(),
-            at,
+            fault,
             tampered: tampered.clone(),
             client: http_client(),
         });
@@ -1162,7 +1177,7 @@ impl TamperingRelay {
         format!("http://{}", self.addr)
     }
 
-    /// How many answers it changed.
+    /// How many answers it changed or refused.
     fn tampered(&self) -> u64 {
         self.tampered.load(Ordering::Relaxed)
     }
@@ -1185,6 +1200,19 @@ async fn relay(
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let pieces = parts.uri.path().starts_with("/v1/pieces/");
+    if let (true, RelayFault::OnlyWholeBlob(size)) = (pieces, relay.fault) {
+        let whole = format!("bytes=0-{}", size - 1);
+        if parts
+            .headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            != Some(&whole)
+        {
+            relay.tampered.fetch_add(1, Ordering::Relaxed);
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    }
     let mut out = relay
         .client
         .request(parts.method.clone(), format!("{}{path}", relay.target))
@@ -1211,10 +1239,10 @@ async fn relay(
         .and_then(|v| v.strip_prefix("bytes "))
         .and_then(|v| v.split('-').next())
         .and_then(|s| s.parse::<u64>().ok());
-    if let (true, Some(start)) = (parts.uri.path().starts_with("/v1/pieces/"), start)
-        && (start..start + bytes.len() as u64).contains(&relay.at)
+    if let (true, Some(start), RelayFault::FlipByteAt(at)) = (pieces, start, relay.fault)
+        && (start..start + bytes.len() as u64).contains(&at)
     {
-        bytes[(relay.at - start) as usize] ^= 0xff;
+        bytes[(at - start) as usize] ^= 0xff;
         relay.tampered.fetch_add(1, Ordering::Relaxed);
     }
     headers.remove(header::TRANSFER_ENCODING);
@@ -1272,4 +1300,50 @@ async fn tracker_sending_pieces_it_does_not_know_are_bad() {
     // The tracker's own copy is good: it saw nothing to drop.
     let m = Scrape::of(&c.tracker.url()).await.unwrap();
     assert_eq!(m.get("bay_damaged_blobs_total").unwrap(), 0.0);
+}
+
+/// 8. The swarm stalls while a tracker that holds the blob still answers (here a relay in front
+/// of it refuses the web seed's runs of pieces and lets only a request for the whole blob
+/// through): the client's stream continues from the tracker, each piece checked against the
+/// torrent, and upstream sends the blob only once, to the tracker. Before, it went upstream a
+/// second time; a swarm whose last piece librqbit keeps passing between two peers stalls the
+/// same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_stream_continues_from_the_tracker_not_upstream() {
+    let _serial = serial().await;
+    let c = cluster(&[4 << 20], 89, &[]).await;
+    let layer = c.image.layers[0].clone();
+    let relay =
+        TamperingRelay::with_fault(&c.tracker.url(), RelayFault::OnlyWholeBlob(layer.size)).await;
+    let p = Proxy::start(&[relay.url()], &c.registry.url(), &["--stall-timeout", "2"])
+        .await
+        .unwrap();
+    let got = pull(&blob_url(&p.url(), &layer.digest), None, PULL_TIMEOUT).await;
+    eprintln!(
+        "pull with the web seed refused: {} ({} piece requests refused)",
+        got.summary(),
+        relay.tampered()
+    );
+    assert!(got.verified(&layer.digest), "{}", got.summary());
+    assert!(relay.tampered() > 0, "the web seed was never refused");
+    assert!(
+        p.log_text().contains("continuing from the tracker"),
+        "the stream did not continue from the tracker"
+    );
+    let s = p.stats().await.unwrap();
+    assert_eq!(s["fallbacks"], 0, "{s}");
+    assert_eq!(s["bytes_from_upstream"], 0, "{s}");
+    assert_eq!(
+        c.registry.blob_gets(&layer.digest),
+        1,
+        "upstream sent it again"
+    );
+    let m = Scrape::of(&p.url()).await.unwrap();
+    assert_eq!(m.get("bay_tracker_continuations_total").unwrap(), 1.0);
+    assert_eq!(
+        m.get(r#"bay_blob_bytes_served_total{source="swarm"}"#)
+            .unwrap(),
+        layer.size as f64
+    );
+    assert_blob_dir_verified(p.data_dir());
 }

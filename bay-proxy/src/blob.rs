@@ -36,7 +36,7 @@ use crate::metrics::{Metrics, outcome, reason, source};
 use crate::swarm::{Handle, Swarm};
 use crate::trackers::{Fetched, Trackers, TrackersError};
 use crate::wake;
-use crate::webseed::{Gate, Plan, WebSeed};
+use crate::webseed::{Gate, PieceStream, Plan, WebSeed};
 use bay_common::pool::Pool;
 use bay_common::range::ByteRange;
 
@@ -1118,6 +1118,12 @@ enum Source {
         /// When the stream last saw the download progress, while it waits for pieces.
         waiting_since: Option<Instant>,
     },
+    /// The rest of the blob from a tracker that holds it, after the swarm stalled, piece by
+    /// checked piece; `skip`: bytes of the first piece the client already has.
+    Tracker {
+        pieces: PieceStream,
+        skip: usize,
+    },
     /// `skip`: bytes still to drop because upstream ignored our Range.
     Upstream {
         resp: reqwest::Response,
@@ -1273,7 +1279,8 @@ impl VerifyingBody {
             if self.to_client {
                 let from = match self.source {
                     Source::File { .. } => source::CACHE,
-                    Source::Swarm { .. } => source::SWARM,
+                    // A tracker's copy is the swarm's, not the registry's.
+                    Source::Swarm { .. } | Source::Tracker { .. } => source::SWARM,
                     Source::Upstream { .. } => source::UPSTREAM,
                 };
                 self.blobs.metrics.served(from, chunk.len() as u64);
@@ -1417,66 +1424,130 @@ impl VerifyingBody {
                     *skip = 0;
                     return Ok(chunk);
                 }
+                Source::Tracker { pieces, skip } => {
+                    match pieces.next_piece().await {
+                        Ok(Some((_, piece))) => {
+                            self.blobs
+                                .metrics
+                                .received(source::TRACKER_SEED, piece.len() as u64);
+                            let chunk = piece.slice((*skip).min(piece.len())..);
+                            *skip = 0;
+                            return Ok(chunk);
+                        }
+                        Ok(None) => tracing::warn!(
+                            at = self.sent,
+                            "the tracker's answer ended early, continuing from upstream"
+                        ),
+                        Err(e) => tracing::warn!(
+                            at = self.sent,
+                            "reading the blob from the tracker failed, continuing from upstream: {e}"
+                        ),
+                    }
+                    self.blobs.metrics.fallback(reason::SWARM_ERROR);
+                    self.switch_to_upstream().await?;
+                }
                 Source::Swarm {
                     reader,
                     download,
                     last_progress,
                     waiting_since,
                 } => {
-                    match tokio::time::timeout(self.blobs.stall_timeout, reader.next_chunk()).await
-                    {
-                        Ok(Ok(b)) if b.is_empty() => {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                "swarm stream ended early",
-                            ));
-                        }
-                        Ok(Ok(b)) => return Ok(b),
-                        Ok(Err(e)) => {
-                            tracing::warn!("swarm stream failed, continuing from upstream: {e}");
-                            self.blobs.metrics.fallback(reason::SWARM_ERROR);
-                        }
-                        Err(_) => {
-                            let progress = download.arrived();
-                            if progress > *last_progress {
-                                // Pieces are arriving, just not ours yet. Chunks count too: on a
-                                // busy swarm a piece can take seconds, and the supervisor still
-                                // gives up if none completes for `patience()`.
-                                *last_progress = progress;
-                                *waiting_since = None;
-                                continue;
+                    let reason =
+                        match tokio::time::timeout(self.blobs.stall_timeout, reader.next_chunk())
+                            .await
+                        {
+                            Ok(Ok(b)) if b.is_empty() => {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    "swarm stream ended early",
+                                ));
                             }
-                            if download.recovering.load(Ordering::Relaxed) {
-                                // Another tracker is fetching the blob to seed it; that costs
-                                // upstream one GET instead of one per proxy.
-                                continue;
+                            Ok(Ok(b)) => return Ok(b),
+                            Ok(Err(e)) => {
+                                tracing::warn!("swarm stream failed: {e}");
+                                reason::SWARM_ERROR
                             }
-                            let since = *waiting_since.get_or_insert_with(|| {
-                                Instant::now()
-                                    .checked_sub(self.blobs.stall_timeout)
-                                    .unwrap_or_else(Instant::now)
-                            });
-                            if since.elapsed() < self.blobs.patience() && download.seed_reachable()
-                            {
-                                // A tracker that answers but is busy serves us in turn (many
-                                // nodes starting on a slow link); each node that went upstream
-                                // instead would cost the registry another copy.
-                                continue;
+                            Err(_) => {
+                                let progress = download.arrived();
+                                if progress > *last_progress {
+                                    // Pieces are arriving, just not ours yet. Chunks count too: on a
+                                    // busy swarm a piece can take seconds, and the supervisor still
+                                    // gives up if none completes for `patience()`.
+                                    *last_progress = progress;
+                                    *waiting_since = None;
+                                    continue;
+                                }
+                                if download.recovering.load(Ordering::Relaxed) {
+                                    // Another tracker is fetching the blob to seed it; that costs
+                                    // upstream one GET instead of one per proxy.
+                                    continue;
+                                }
+                                let since = *waiting_since.get_or_insert_with(|| {
+                                    Instant::now()
+                                        .checked_sub(self.blobs.stall_timeout)
+                                        .unwrap_or_else(Instant::now)
+                                });
+                                if since.elapsed() < self.blobs.patience()
+                                    && download.seed_reachable()
+                                {
+                                    // A tracker that answers but is busy serves us in turn (many
+                                    // nodes starting on a slow link); each node that went upstream
+                                    // instead would cost the registry another copy.
+                                    continue;
+                                }
+                                // `since` counts from the last progress, so this is how long the
+                                // client really waited (up to `patience()` with a seed reachable).
+                                tracing::warn!(
+                                    at = self.sent,
+                                    "swarm made no progress for {:.0?}",
+                                    since.elapsed()
+                                );
+                                reason::STALL
                             }
-                            // `since` counts from the last progress, so this is how long the
-                            // client really waited (up to `patience()` with a seed reachable).
-                            tracing::warn!(
-                                at = self.sent,
-                                "swarm made no progress for {:.0?}, continuing from upstream",
-                                since.elapsed()
-                            );
-                            self.blobs.metrics.fallback(reason::STALL);
-                        }
+                        };
+                    let sources = download.webseed.usable_sources();
+                    let torrent = download.torrent.clone();
+                    if self.switch_to_tracker(&sources, torrent).await {
+                        continue;
                     }
+                    tracing::warn!(at = self.sent, "continuing from upstream");
+                    self.blobs.metrics.fallback(reason);
                     self.switch_to_upstream().await?;
                 }
             }
         }
+    }
+
+    /// Continues with the rest of the blob from the first tracker that holds it, each piece
+    /// checked against the torrent before the client gets it. The swarm stalls at a download's
+    /// tail too (librqbit can pass its last piece back and forth between two fast peers without
+    /// taking it from either); a tracker that seeds the blob has it, and upstream would send it
+    /// once more.
+    async fn switch_to_tracker(&mut self, sources: &[url::Url], torrent: Arc<BlobTorrent>) -> bool {
+        let pl = torrent.piece_length() as u64;
+        let first = (self.sent / pl) as u32;
+        let start = first as u64 * pl;
+        let run = first..torrent.piece_count() as u32;
+        for base in sources {
+            match self
+                .blobs
+                .trackers
+                .pieces(base, torrent.info_hash(), start, self.size - 1)
+                .await
+            {
+                Ok(resp) => {
+                    tracing::info!(tracker = %base, at = self.sent, "continuing from the tracker");
+                    self.blobs.metrics.tracker_continuations.inc();
+                    self.source = Source::Tracker {
+                        pieces: PieceStream::new(resp, torrent, run, true),
+                        skip: (self.sent - start) as usize,
+                    };
+                    return true;
+                }
+                Err(e) => tracing::debug!("the tracker cannot continue the blob: {e}"),
+            }
+        }
+        false
     }
 
     async fn switch_to_upstream(&mut self) -> std::io::Result<()> {

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub received: Family<Source, Counter>,
     pub fallbacks: Family<Reason, Counter>,
     pub upstream_fetches: Counter,
+    pub tracker_continuations: Counter,
     pub swarm_downloads: Family<Outcome, Counter>,
     pub prefetches: Counter,
     pub commit_failures: Counter,
@@ -68,6 +69,7 @@ impl Default for Metrics {
         let received = Family::<Source, Counter>::default();
         let fallbacks = Family::<Reason, Counter>::default();
         let upstream_fetches = Counter::default();
+        let tracker_continuations = Counter::default();
         let swarm_downloads = Family::<Outcome, Counter>::default();
         let prefetches = Counter::default();
         let commit_failures = Counter::default();
@@ -99,6 +101,12 @@ impl Default for Metrics {
             "bay_upstream_fetches",
             "Blob GETs this proxy sent upstream",
             upstream_fetches.clone(),
+        );
+        r.register(
+            "bay_tracker_continuations",
+            "Client streams whose rest a tracker holding the blob sent after the swarm stalled \
+             (instead of upstream)",
+            tracker_continuations.clone(),
         );
         r.register(
             "bay_swarm_downloads",
@@ -140,6 +148,7 @@ impl Default for Metrics {
             received,
             fallbacks,
             upstream_fetches,
+            tracker_continuations,
             swarm_downloads,
             prefetches,
             commit_failures,

@@ -21,7 +21,7 @@
 //! itself before offering it, so the bad one is caught at its next read and its tracker is no
 //! longer read from for this blob ([`BAD_SOURCE_PAUSE`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,6 +50,11 @@ const MAX_HELD_BYTES: u64 = 8 << 20;
 /// A held piece librqbit has not asked for in this long got it elsewhere: it is dropped (and
 /// fetched again should librqbit still ask for it).
 const HELD_TTL: Duration = Duration::from_secs(30);
+/// Pieces sent whole that are kept a little longer. At a download's tail librqbit can take a
+/// piece away from us and give it back again and again (a peer it times at under 1 ms may steal
+/// at once, and so may the peer it stole from); each time it asks for the piece anew, and
+/// reading it from the tracker every time made this a tight loop of tracker reads.
+const RECENT_PIECES: usize = 4;
 /// Shortest time the swarm may send nothing at all before this node fetches what it lacks
 /// itself. It waits longer while the tracker is slow to send pieces (see [`fill_after`]).
 const MIN_FILL_AFTER: Duration = Duration::from_secs(2);
@@ -74,11 +79,87 @@ const BAD_SOURCE_PAUSE: Duration = Duration::from_secs(30);
 
 /// Why reading a run of pieces from a tracker stopped short.
 #[derive(Debug, thiserror::Error)]
-enum ReadError {
+pub enum ReadError {
     #[error("piece {0} does not match the torrent")]
     Mismatch(u32),
     #[error("{0}")]
     Transfer(String),
+}
+
+/// A tracker's range answer cut into pieces, each checked against the torrent when `check`
+/// is set: the web seed's reads (which leave the check to librqbit until a bad piece showed up)
+/// and a client stream continuing from a tracker (which always checks) share it.
+pub struct PieceStream {
+    resp: reqwest::Response,
+    torrent: Arc<BlobTorrent>,
+    next: u32,
+    end: u32,
+    buf: BytesMut,
+    check: bool,
+}
+
+impl PieceStream {
+    /// `resp` answers for pieces `run`, from the first byte of `run.start`.
+    pub fn new(
+        resp: reqwest::Response,
+        torrent: Arc<BlobTorrent>,
+        run: Range<u32>,
+        check: bool,
+    ) -> Self {
+        let buf = BytesMut::with_capacity(torrent.piece_size(run.start as usize) as usize);
+        Self {
+            resp,
+            torrent,
+            next: run.start,
+            end: run.end,
+            buf,
+            check,
+        }
+    }
+
+    /// Checks every piece from the next one on.
+    pub fn check_from_now(&mut self) {
+        self.check = true;
+    }
+
+    /// The next whole piece; None once the run is done.
+    pub async fn next_piece(&mut self) -> Result<Option<(u32, Bytes)>, ReadError> {
+        if self.next >= self.end {
+            return Ok(None);
+        }
+        let size = self.torrent.piece_size(self.next as usize) as usize;
+        while self.buf.len() < size {
+            let chunk = self
+                .resp
+                .chunk()
+                .await
+                .map_err(|e| ReadError::Transfer(e.to_string()))?
+                .ok_or_else(|| {
+                    ReadError::Transfer(format!(
+                        "the range ended at piece {} of {}..{}",
+                        self.next, self.next, self.end
+                    ))
+                })?;
+            self.buf.extend_from_slice(&chunk);
+        }
+        let data = self.buf.split_to(size).freeze();
+        let piece = self.next;
+        if self.check
+            && !self
+                .torrent
+                .clone()
+                .piece_matches_blocking(piece as usize, data.clone())
+                .await
+        {
+            return Err(ReadError::Mismatch(piece));
+        }
+        self.next += 1;
+        if self.next < self.end {
+            let want = self.torrent.piece_size(self.next as usize) as usize;
+            self.buf.reserve(want.saturating_sub(self.buf.len()));
+        }
+        Ok(Some((piece, data)))
+    }
 }
 
 /// Largest block librqbit may ask for (it asks for 16 KiB).
@@ -240,6 +321,8 @@ struct State {
     wanted_again: BTreeSet<u32>,
     /// Requests waiting for those.
     pending: Vec<Block>,
+    /// The last [`RECENT_PIECES`] pieces sent whole, newest last.
+    recent: VecDeque<(u32, Bytes)>,
     /// Offered pieces whose HAVE the current connection has not sent yet.
     unannounced: Vec<u32>,
     /// Where a fill starts when this node has no slice (chosen at random, so nodes without
@@ -263,6 +346,7 @@ impl State {
             held_bytes: 0,
             wanted_again: BTreeSet::new(),
             pending: Vec::new(),
+            recent: VecDeque::new(),
             unannounced: Vec::new(),
             fill_from: rand::random_range(0..pieces.max(1) as u32),
         }
@@ -332,18 +416,30 @@ impl State {
     }
 
     /// Takes the bytes of `block` for librqbit if we hold them; marks the piece as librqbit's
-    /// once every byte of it went out. None for a block we do not hold.
+    /// once every byte of it went out (and keeps it among the recent ones). None for a block we
+    /// do not hold.
     fn take_block(&mut self, block: Block) -> Option<Bytes> {
-        let h = self.held.get_mut(&block.index)?;
         let (begin, len) = (block.begin as usize, block.length as usize);
-        if block.length == 0 || block.length > MAX_BLOCK || begin + len > h.data.len() {
+        let fits = |data: &Bytes| {
+            block.length > 0 && block.length <= MAX_BLOCK && begin + len <= data.len()
+        };
+        let Some(h) = self.held.get_mut(&block.index) else {
+            let (_, data) = self.recent.iter().rev().find(|(p, _)| *p == block.index)?;
+            return fits(data).then(|| data.slice(begin..begin + len));
+        };
+        if !fits(&h.data) {
             return None;
         }
         let bytes = h.data.slice(begin..begin + len);
         h.sent.insert(block.begin, block.length);
         let covered: u64 = h.sent.values().map(|l| *l as u64).sum();
         if covered >= h.data.len() as u64 {
+            let data = h.data.clone();
             self.got(block.index);
+            if self.recent.len() == RECENT_PIECES {
+                self.recent.pop_front();
+            }
+            self.recent.push_back((block.index, data));
         }
         Some(bytes)
     }
@@ -439,6 +535,20 @@ impl WebSeed {
     /// Whether a tracker is sending good pieces (or nothing has failed yet).
     pub fn has_source(&self) -> bool {
         self.inner.source_ok.load(Ordering::Relaxed)
+    }
+
+    /// The trackers to read the blob from, best first, without those that sent a bad piece
+    /// lately.
+    pub fn usable_sources(&self) -> Vec<url::Url> {
+        let paused = self.inner.paused_until.lock().expect("poisoned");
+        let now = Instant::now();
+        self.inner
+            .sources
+            .iter()
+            .zip(paused.iter())
+            .filter(|(_, until)| !until.is_some_and(|t| now < t))
+            .map(|(u, _)| u.clone())
+            .collect()
     }
 
     /// Whether `addr` is one of our connections as librqbit sees it.
@@ -568,69 +678,47 @@ impl Inner {
         false
     }
 
-    /// Cuts a range response into pieces and offers each once its SHA-1 matched; stops early
-    /// when the next piece is no longer wanted.
+    /// Offers each piece of a range response once it arrived (and matched, once librqbit has
+    /// refused one of ours); stops early when the next piece is no longer wanted.
     async fn read_run(
         &self,
-        mut resp: reqwest::Response,
+        resp: reqwest::Response,
         run: Range<u32>,
         plan: &watch::Receiver<Plan>,
     ) -> Result<(), ReadError> {
-        let t = &self.torrent;
-        let mut piece = run.start;
-        let mut buf = BytesMut::with_capacity(t.piece_size(piece as usize) as usize);
+        let check = self.checking.load(Ordering::Relaxed);
+        let mut pieces = PieceStream::new(resp, self.torrent.clone(), run.clone(), check);
         let mut since = Instant::now();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| ReadError::Transfer(e.to_string()))?
-        {
-            self.read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            let mut rest = &chunk[..];
-            while !rest.is_empty() {
-                let size = t.piece_size(piece as usize) as usize;
-                let take = (size - buf.len()).min(rest.len());
-                buf.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
-                if buf.len() < size {
-                    continue;
-                }
-                let data = buf.split().freeze();
-                if self.checking.load(Ordering::Relaxed)
-                    && !t
-                        .clone()
-                        .piece_matches_blocking(piece as usize, data.clone())
-                        .await
-                {
-                    return Err(ReadError::Mismatch(piece));
-                }
-                self.source_ok.store(true, Ordering::Relaxed);
-                self.verified.fetch_add(size as u64, Ordering::Relaxed);
-                tracing::debug!(piece, "piece read from the tracker");
-                {
-                    let mut avg = self.piece_time.lock().expect("poisoned");
-                    *avg = (*avg * 2 + since.elapsed()) / 3;
-                }
-                since = Instant::now();
-                self.offer(piece, data);
-                piece += 1;
-                // A run in the slice stays in it (the slice shrinks as leechers arrive); a fill
-                // goes on while the pieces are missing.
-                let wanted = piece < run.end && {
-                    let p = plan.borrow();
-                    let in_slice = |x: u32| (p.slice.0..p.slice.1).contains(&x);
-                    self.lock().missing(piece) && (!in_slice(run.start) || in_slice(piece))
-                };
-                if !wanted {
-                    return Ok(());
-                }
-                buf.reserve(t.piece_size(piece as usize) as usize);
+        loop {
+            // librqbit may drop us for a bad piece while the run is read.
+            if self.checking.load(Ordering::Relaxed) {
+                pieces.check_from_now();
             }
-        }
-        if piece < run.end {
-            return Err(ReadError::Transfer(format!(
-                "the range ended at piece {piece} of {run:?}"
-            )));
+            let Some((piece, data)) = pieces.next_piece().await? else {
+                break;
+            };
+            let size = data.len() as u64;
+            self.read.fetch_add(size, Ordering::Relaxed);
+            self.source_ok.store(true, Ordering::Relaxed);
+            self.verified.fetch_add(size, Ordering::Relaxed);
+            tracing::debug!(piece, "piece read from the tracker");
+            {
+                let mut avg = self.piece_time.lock().expect("poisoned");
+                *avg = (*avg * 2 + since.elapsed()) / 3;
+            }
+            since = Instant::now();
+            self.offer(piece, data);
+            let next = piece + 1;
+            // A run in the slice stays in it (the slice shrinks as leechers arrive); a fill
+            // goes on while the pieces are missing.
+            let wanted = next < run.end && {
+                let p = plan.borrow();
+                let in_slice = |x: u32| (p.slice.0..p.slice.1).contains(&x);
+                self.lock().missing(next) && (!in_slice(run.start) || in_slice(next))
+            };
+            if !wanted {
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -675,6 +763,13 @@ impl Inner {
                 if self.served.load(Ordering::Relaxed) > served
                     && !self.checking.swap(true, Ordering::Relaxed)
                 {
+                    // What we hold was not checked: librqbit asks for it again, and gets it
+                    // read anew and checked.
+                    let mut st = self.lock();
+                    st.recent.clear();
+                    st.held.clear();
+                    st.held_bytes = 0;
+                    drop(st);
                     tracing::info!(
                         "librqbit dropped the web seed; checking its pieces from now on"
                     );
@@ -906,7 +1001,45 @@ mod tests {
         assert_eq!(s.take_block(b(16384, 16384)).unwrap()[0], 7);
         assert!(s.local[1], "every byte went out");
         assert_eq!(s.held_bytes, 0);
-        assert!(s.take_block(b(0, 16384)).is_none(), "no longer held");
+        assert!(s.held.is_empty());
+        // Asked for again (librqbit took it back from another peer): served from memory, not
+        // fetched again.
+        assert_eq!(s.take_block(b(16384, 16384)).unwrap().len(), 16384);
+        assert!(s.take_block(b(16384, 16385)).is_none(), "past the piece");
+        assert!(s.wanted_again.is_empty());
+    }
+
+    #[test]
+    fn only_the_last_few_pieces_sent_are_kept() {
+        let pieces = RECENT_PIECES as u32 + 2;
+        let mut s = state(pieces as usize);
+        for p in 0..pieces {
+            s.held.insert(
+                p,
+                Held {
+                    data: Bytes::from(vec![p as u8; 1024]),
+                    sent: BTreeMap::new(),
+                    since: Instant::now(),
+                },
+            );
+            s.held_bytes += 1024;
+            let whole = Block {
+                index: p,
+                begin: 0,
+                length: 1024,
+            };
+            assert!(s.take_block(whole).is_some());
+        }
+        let again = |p| Block {
+            index: p,
+            begin: 0,
+            length: 1024,
+        };
+        assert!(s.take_block(again(0)).is_none(), "the oldest went");
+        assert!(s.take_block(again(1)).is_none());
+        for p in 2..pieces {
+            assert_eq!(s.take_block(again(p)).unwrap()[0], p as u8);
+        }
     }
 
     #[tokio::test]
@@ -989,6 +1122,54 @@ mod tests {
             "the waiting fill was not woken"
         );
         assert!(matches!(fill.as_mut().poll(&mut fill_cx), Poll::Ready(_)));
+    }
+
+    /// A range answer as a tracker would send it, from `start` on, in uneven chunks.
+    fn answer(data: &[u8], start: usize) -> reqwest::Response {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = data[start..]
+            .chunks(100_003)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+        reqwest::Response::from(axum::http::Response::new(body))
+    }
+
+    #[tokio::test]
+    async fn a_range_answer_is_cut_into_checked_pieces() {
+        let data: Vec<u8> = (0..(3 * 256 * 1024 + 1000))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let digest = bay_common::Digest::sha256_of(&data);
+        let t = Arc::new(BlobTorrent::from_bytes(digest, &data).unwrap());
+        let pl = t.piece_length() as usize;
+        assert_eq!(t.piece_count(), 4);
+
+        // From piece 1 to the end: every piece whole and in order, the last one short.
+        let mut s = PieceStream::new(answer(&data, pl), t.clone(), 1..4, true);
+        for p in 1..4u32 {
+            let (i, piece) = s.next_piece().await.unwrap().unwrap();
+            assert_eq!(i, p);
+            let at = p as usize * pl;
+            assert_eq!(piece, &data[at..(at + pl).min(data.len())]);
+        }
+        assert!(s.next_piece().await.unwrap().is_none());
+
+        // A flipped byte in piece 2: piece 1 comes, piece 2 does not.
+        let mut bad = data.clone();
+        bad[2 * pl + 7] ^= 0xff;
+        let mut s = PieceStream::new(answer(&bad, pl), t.clone(), 1..4, true);
+        assert_eq!(s.next_piece().await.unwrap().unwrap().0, 1);
+        assert!(matches!(s.next_piece().await, Err(ReadError::Mismatch(2))));
+        // Unchecked (the web seed before librqbit refused a piece), it passes.
+        let mut s = PieceStream::new(answer(&bad, pl), t.clone(), 1..4, false);
+        assert_eq!(s.next_piece().await.unwrap().unwrap().0, 1);
+        assert_eq!(s.next_piece().await.unwrap().unwrap().0, 2);
+
+        // An answer that ends inside piece 3.
+        let short = &data[..3 * pl + 10];
+        let mut s = PieceStream::new(answer(short, 2 * pl), t, 2..4, true);
+        assert_eq!(s.next_piece().await.unwrap().unwrap().0, 2);
+        assert!(matches!(s.next_piece().await, Err(ReadError::Transfer(_))));
     }
 
     #[test]
