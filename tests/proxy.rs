@@ -413,3 +413,65 @@ async fn concurrent_gets_of_one_blob_share_one_download() {
         "only the tracker's fetch"
     );
 }
+
+/// A finished download is hashed once: a client stream that hashed the blob as it sent it is
+/// waited for (here a slow client, still reading long after the download finished), and only
+/// a download no stream read to the end (the client hangs up early) is hashed from the file
+/// before it is cached.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_a_client_stream_verified_is_not_hashed_again() {
+    let c = cluster(&[24 << 20, 6 << 20], &[]).await;
+    let p = Proxy::start(&[c.tracker.url()], &c.registry.url(), &[])
+        .await
+        .unwrap();
+    let url = |digest: &str| format!("{}/v2/test/img/blobs/{digest}", p.url());
+
+    let whole = &c.image.layers[0];
+    let mut r = http_client().get(url(&whole.digest)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let started = std::time::Instant::now();
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+        // About 10 MiB/s: the swarm download ends long before.
+        tokio::time::sleep(Duration::from_micros(chunk.len() as u64 / 10)).await;
+    }
+    eprintln!(
+        "the slow client read {} bytes in {:?}",
+        body.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        bay_common::Digest::sha256_of(&body).to_string(),
+        whole.digest
+    );
+    p.wait_held(1, Duration::from_secs(30)).await.unwrap();
+
+    let cut = &c.image.layers[1];
+    let mut r = http_client().get(url(&cut.digest)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.chunk().await.unwrap().is_some());
+    drop(r);
+    p.wait_held(2, Duration::from_secs(30)).await.unwrap();
+
+    let log = p.log_text();
+    let verified: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("blob verified"))
+        .collect();
+    let line = |digest: &str| {
+        verified
+            .iter()
+            .find(|l| l.contains(digest))
+            .unwrap_or_else(|| panic!("no 'blob verified' line for {digest}: {verified:?}"))
+            .to_string()
+    };
+    assert!(
+        line(&whole.digest).contains("by_stream=true"),
+        "{verified:?}"
+    );
+    assert!(
+        line(&cut.digest).contains("by_stream=false"),
+        "{verified:?}"
+    );
+}

@@ -45,6 +45,9 @@ const CHUNK: usize = 256 * 1024;
 /// for the next wake-up before anyone asks for it; 50 ms beat 200 ms and 20 ms in
 /// `bench/swarm.sh` (`bench/RESULTS.md`).
 const WAKE_EVERY: Duration = Duration::from_millis(50);
+/// How long a finished download waits for a client stream to finish hashing the blob before
+/// hashing the file itself.
+const STREAM_VERIFY_WAIT: Duration = Duration::from_secs(10);
 /// How far a prefetched download gets before the next one starts (see [`Blobs::prefetch`]).
 const PREFETCH_STAGGER: f64 = 0.5;
 /// How often a running download reports its progress in the log.
@@ -89,6 +92,10 @@ struct Download {
     /// Set when a client stream read the whole blob from the swarm and its digest matched:
     /// the file needs no second read before it is cached.
     stream_verified: std::sync::atomic::AtomicBool,
+    /// Client streams reading the blob from the swarm now.
+    streams: std::sync::atomic::AtomicUsize,
+    /// A client stream verified the blob or stopped reading it from the swarm.
+    stream_ended: tokio::sync::Notify,
     /// The tracker's share: pieces over HTTP, offered to librqbit as a peer.
     webseed: WebSeed,
     /// Where librqbit puts the pieces, and clients read them.
@@ -293,6 +300,7 @@ impl Blobs {
                     size,
                     Source::Swarm {
                         reader,
+                        _reading: Reading::new(&d),
                         download: d,
                         last_progress: 0,
                         waiting_since: None,
@@ -537,6 +545,8 @@ impl Blobs {
             outcome,
             recovering: Default::default(),
             stream_verified: Default::default(),
+            streams: Default::default(),
+            stream_ended: Default::default(),
             webseed,
             landing,
         });
@@ -743,13 +753,25 @@ impl Blobs {
             return false;
         }
         // librqbit checked every piece against the torrent; the digest is checked here unless
-        // a client stream already hashed the whole file.
-        if !d.stream_verified.load(Ordering::Relaxed)
-            && let Err(e) = verify_digest(file, digest).await
-        {
+        // a client stream hashed the whole file. One still sending the tail is waited for:
+        // hashing the file again beside it doubled the CPU at the end of every download, and
+        // with 8 nodes on 2 cores that was a 2 s tail with the network idle (bench/RESULTS.md).
+        let until = tokio::time::Instant::now() + STREAM_VERIFY_WAIT;
+        loop {
+            let ended = d.stream_ended.notified();
+            if d.stream_verified.load(Ordering::Relaxed) || d.streams.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(until, ended).await.is_err() {
+                break;
+            }
+        }
+        let by_stream = d.stream_verified.load(Ordering::Relaxed);
+        if !by_stream && let Err(e) = verify_digest(file, digest).await {
             tracing::error!("downloaded blob failed verification, discarding: {e}");
             return false;
         }
+        tracing::debug!(by_stream, "blob verified");
         let staged = self.store.temp_path();
         let linked = tokio::fs::hard_link(file, &staged).await;
         if let Err(e) = linked.and(tokio::fs::rename(&staged, &dest).await) {
@@ -1109,10 +1131,29 @@ fn blob_response(
     resp
 }
 
+/// Counts a client stream among a download's readers while it reads from the swarm.
+struct Reading(Arc<Download>);
+
+impl Reading {
+    fn new(d: &Arc<Download>) -> Self {
+        d.streams.fetch_add(1, Ordering::Relaxed);
+        Reading(d.clone())
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.stream_ended.notify_waiters();
+    }
+}
+
 /// Where the bytes of a response come from.
 enum Source {
     Swarm {
         reader: Reader,
+        /// Counts the stream among the download's readers while it lives.
+        _reading: Reading,
         download: Arc<Download>,
         last_progress: u64,
         /// When the stream last saw the download progress, while it waits for pieces.
@@ -1305,6 +1346,7 @@ impl VerifyingBody {
             && got == self.digest
         {
             download.stream_verified.store(true, Ordering::Relaxed);
+            download.stream_ended.notify_waiters();
         }
         if got != self.digest {
             tracing::error!(got = %got, "blob failed verification; cutting the response short");
@@ -1451,6 +1493,7 @@ impl VerifyingBody {
                     download,
                     last_progress,
                     waiting_since,
+                    ..
                 } => {
                     let reason =
                         match tokio::time::timeout(self.blobs.stall_timeout, reader.next_chunk())
