@@ -139,13 +139,14 @@ mod mini_tracker {
     use std::sync::{Arc, Mutex};
 
     use anyhow::Result;
-    use bay_tests::{free_port, loopback_ip};
+    use bay_tests::loopback_ip;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     pub async fn start() -> Result<String> {
         let ip = loopback_ip();
-        let listener = TcpListener::bind((ip, free_port(ip))).await?;
+        // Port 0: a port picked beforehand can be taken by a parallel test before the bind.
+        let listener = TcpListener::bind((ip, 0)).await?;
         let announce = format!("http://{}/announce", listener.local_addr()?);
         let peers = Arc::new(Mutex::new(Vec::<(Ipv4Addr, u16)>::new()));
         // Ends with the test's runtime.
