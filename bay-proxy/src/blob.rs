@@ -45,6 +45,21 @@ const CHUNK: usize = 256 * 1024;
 /// for the next wake-up before anyone asks for it; 50 ms beat 200 ms and 20 ms in
 /// `bench/swarm.sh` (`bench/RESULTS.md`).
 const WAKE_EVERY: Duration = Duration::from_millis(50);
+/// Piece steals that make a download's stall final. librqbit 9.1 lets a peer whose average
+/// piece time is under 1 ms (its integer average is then 0) steal at once, and a steal resets
+/// the piece's clock, so two fast peers can take a piece from each other every few
+/// microseconds: 25,000 steals of one piece within a second in `tests/ha.rs`. Each steal asks
+/// for the piece anew and cancels the last request; the piece then did not come for 45 s, and
+/// in another run the two peers sent 370 and 140 MB for a 24 MiB blob at their upload limit,
+/// working through what was asked and cancelled. A normal download has a handful of steals.
+const STEAL_STORM: u64 = 500;
+
+/// Whether a download that saw `steals` and has made no progress for `quiet` will not recover
+/// (rather than wait for [`Blobs::patience`] as a slow swarm is waited for).
+fn storm_stalled(quiet: Duration, stall_timeout: Duration, steals: u64) -> bool {
+    steals >= STEAL_STORM && quiet > stall_timeout
+}
+
 /// How long a finished download waits for a client stream to finish hashing the blob before
 /// hashing the file itself.
 const STREAM_VERIFY_WAIT: Duration = Duration::from_secs(10);
@@ -602,6 +617,12 @@ impl Blobs {
             })
         };
         let give_up = self.patience();
+        let steals = |d: &Download| {
+            d.handle
+                .stats()
+                .live
+                .map_or(0, |l| l.snapshot.peer_stats.steals as u64)
+        };
         let mut progress_tick =
             tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         let mut reported = (0u64, Instant::now());
@@ -639,8 +660,17 @@ impl Blobs {
             // Good pieces read from a tracker count as progress, and waiting for the node's
             // turn at the trackers (behind its other downloads) is not a stall.
             let progress = stats.progress_bytes + d.webseed.verified();
+            let steals_now = steals(&d);
             if progress > last_progress.0 || (d.webseed.queued() && d.webseed.has_source()) {
                 last_progress = (progress, Instant::now());
+            } else if storm_stalled(last_progress.1.elapsed(), self.stall_timeout, steals_now) {
+                tracing::warn!(
+                    progress = stats.progress_bytes,
+                    steals = steals_now,
+                    "no progress after a storm of piece steals (librqbit's peers are flooded \
+                     with requests it cancelled), giving up"
+                );
+                break false;
             } else if last_progress.1.elapsed() > self.stall_timeout / 2
                 && !d.webseed.has_source()
                 && last_recovery.is_none_or(|t: Instant| t.elapsed() > self.stall_timeout * 2)
@@ -1532,6 +1562,7 @@ impl VerifyingBody {
                                 });
                                 if since.elapsed() < self.blobs.patience()
                                     && download.seed_reachable()
+                                    && download.outcome.borrow().is_none()
                                 {
                                     // A tracker that answers but is busy serves us in turn (many
                                     // nodes starting on a slow link); each node that went upstream
@@ -1617,6 +1648,21 @@ impl VerifyingBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_storm_of_steals_cuts_the_wait_for_a_stalled_swarm_short() {
+        let stall = Duration::from_secs(5);
+        let s = Duration::from_secs;
+        assert!(storm_stalled(s(6), stall, STEAL_STORM));
+        assert!(
+            !storm_stalled(s(4), stall, 25_000),
+            "not stalled long enough"
+        );
+        assert!(
+            !storm_stalled(s(29), stall, 40),
+            "a few steals: a slow swarm, waited for"
+        );
+    }
 
     #[test]
     fn blob_headers() {
