@@ -96,6 +96,8 @@ pub struct PieceStream {
     end: u32,
     buf: BytesMut,
     check: bool,
+    /// Bytes taken off the wire so far, whole pieces or not.
+    received: u64,
 }
 
 impl PieceStream {
@@ -114,7 +116,13 @@ impl PieceStream {
             end: run.end,
             buf,
             check,
+            received: 0,
         }
+    }
+
+    /// Bytes taken off the wire so far, including those of a piece cut short.
+    pub fn received(&self) -> u64 {
+        self.received
     }
 
     /// Checks every piece from the next one on.
@@ -140,6 +148,7 @@ impl PieceStream {
                         self.next, self.next, self.end
                     ))
                 })?;
+            self.received += chunk.len() as u64;
             self.buf.extend_from_slice(&chunk);
         }
         let data = self.buf.split_to(size).freeze();
@@ -689,16 +698,20 @@ impl Inner {
         let check = self.checking.load(Ordering::Relaxed);
         let mut pieces = PieceStream::new(resp, self.torrent.clone(), run.clone(), check);
         let mut since = Instant::now();
+        let mut counted = 0;
         loop {
             // librqbit may drop us for a bad piece while the run is read.
             if self.checking.load(Ordering::Relaxed) {
                 pieces.check_from_now();
             }
-            let Some((piece, data)) = pieces.next_piece().await? else {
+            let next = pieces.next_piece().await;
+            self.read
+                .fetch_add(pieces.received() - counted, Ordering::Relaxed);
+            counted = pieces.received();
+            let Some((piece, data)) = next? else {
                 break;
             };
             let size = data.len() as u64;
-            self.read.fetch_add(size, Ordering::Relaxed);
             self.source_ok.store(true, Ordering::Relaxed);
             self.verified.fetch_add(size, Ordering::Relaxed);
             tracing::debug!(piece, "piece read from the tracker");
@@ -1153,6 +1166,7 @@ mod tests {
             assert_eq!(piece, &data[at..(at + pl).min(data.len())]);
         }
         assert!(s.next_piece().await.unwrap().is_none());
+        assert_eq!(s.received(), (data.len() - pl) as u64);
 
         // A flipped byte in piece 2: piece 1 comes, piece 2 does not.
         let mut bad = data.clone();
@@ -1170,6 +1184,11 @@ mod tests {
         let mut s = PieceStream::new(answer(short, 2 * pl), t, 2..4, true);
         assert_eq!(s.next_piece().await.unwrap().unwrap().0, 2);
         assert!(matches!(s.next_piece().await, Err(ReadError::Transfer(_))));
+        assert_eq!(
+            s.received(),
+            (pl + 10) as u64,
+            "the cut piece's bytes count too"
+        );
     }
 
     #[test]
