@@ -1347,3 +1347,163 @@ async fn a_stalled_stream_continues_from_the_tracker_not_upstream() {
     );
     assert_blob_dir_verified(p.data_dir());
 }
+
+/// A BitTorrent peer that claims every piece, takes requests and never sends a byte, keeping
+/// the connection alive: a peer that hangs with pieces reserved on it. Counts the requests.
+struct BlackHolePeer {
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHolePeer {
+    async fn start(info_hash: bay_common::announce::InfoHash, pieces: usize) -> BlackHolePeer {
+        use bay_proxy::peer_wire::{self, Message};
+        let listener = tokio::net::TcpListener::bind((loopback_ip(), 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counted = requests.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut theirs = [0u8; 68];
+                    if s.read_exact(&mut theirs).await.is_err() || theirs[28..48] != info_hash.0 {
+                        return;
+                    }
+                    let mut hello = peer_wire::handshake(info_hash, b"-XXHOLE-");
+                    hello.extend_from_slice(&peer_wire::bitfield(&vec![true; pieces]));
+                    hello.extend_from_slice(&peer_wire::UNCHOKE);
+                    if s.write_all(&hello).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.into_split();
+                    // Alive as far as a peer can tell: a keep-alive every 2 s.
+                    let alive = tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            if w.write_all(&peer_wire::KEEP_ALIVE).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    while let Ok(m) = peer_wire::read_message(&mut r, 1 << 20).await {
+                        if let Message::Request(_) = m {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    alive.abort();
+                });
+            }
+        });
+        BlackHolePeer {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    /// Tells the tracker it seeds `info_hash`, from its own address, as any client would.
+    async fn announce(&self, tracker: &str, info_hash: bay_common::announce::InfoHash) {
+        let hash: String = info_hash.0.iter().map(|b| format!("%{b:02X}")).collect();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .local_address(self.addr.ip())
+            .build()
+            .unwrap();
+        let r = client
+            .get(format!(
+                "{tracker}/announce?info_hash={hash}&peer_id=-XXHOLE-000000000000&port={}\
+                 &uploaded=0&downloaded=0&left=0&compact=1&event=started",
+                self.addr.port()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let body = r.bytes().await.unwrap();
+        assert!(
+            !body.windows(14).any(|w| w == b"failure reason"),
+            "the tracker refused the announce: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+}
+
+impl Drop for BlackHolePeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// 9. A peer in the swarm claims every piece, accepts requests and never answers (alive as far
+/// as TCP and keep-alives tell). Two proxies pull the blob at once: librqbit reserves pieces on
+/// the peer, and the swarm must get them elsewhere. Both pulls end verified, upstream sends the
+/// blob once (to the tracker), and no client stream needed the tracker to finish it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_takes_requests_and_never_answers() {
+    let _serial = serial().await;
+    let size = 16 << 20;
+    let c = cluster(&[size], 90, &[]).await;
+    let layer = c.image.layers[0].clone();
+    let digest: Digest = layer.digest.parse().unwrap();
+    let bytes = c.image.blob_bytes(&layer.digest).unwrap();
+    let torrent = bay_common::torrent::BlobTorrent::from_bytes(digest, &bytes).unwrap();
+    let r = http_client()
+        .get(format!(
+            "{}/v1/torrents/{}/{REPO}/blobs/{}",
+            c.tracker.url(),
+            c.registry.authority(),
+            layer.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let hole = BlackHolePeer::start(torrent.info_hash(), torrent.piece_count()).await;
+    hole.announce(&c.tracker.url(), torrent.info_hash()).await;
+
+    let args = ["--stall-timeout", "4"];
+    let a = Proxy::start(&[c.tracker.url()], &c.registry.url(), &args)
+        .await
+        .unwrap();
+    let b = Proxy::start(&[c.tracker.url()], &c.registry.url(), &args)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (ua, ub) = (
+        blob_url(&a.url(), &layer.digest),
+        blob_url(&b.url(), &layer.digest),
+    );
+    let (ga, gb) = tokio::join!(pull(&ua, None, PULL_TIMEOUT), pull(&ub, None, PULL_TIMEOUT));
+    eprintln!(
+        "two pulls past a black-hole peer: {} / {} ({} requests went into the hole, {:?})",
+        ga.summary(),
+        gb.summary(),
+        hole.requests.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    assert!(ga.verified(&layer.digest), "{}", ga.summary());
+    assert!(gb.verified(&layer.digest), "{}", gb.summary());
+    assert!(
+        hole.requests.load(Ordering::Relaxed) > 0,
+        "no proxy asked the black hole for a piece: this tested nothing"
+    );
+    assert_eq!(
+        c.registry.blob_gets(&layer.digest),
+        1,
+        "upstream sent it again"
+    );
+    for p in [&a, &b] {
+        let s = p.stats().await.unwrap();
+        assert_eq!(s["fallbacks"], 0, "{s}");
+        let m = Scrape::of(&p.url()).await.unwrap();
+        assert_eq!(
+            m.get("bay_tracker_continuations_total").unwrap(),
+            0.0,
+            "the swarm did not get around the black hole by itself"
+        );
+    }
+}
