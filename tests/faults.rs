@@ -44,6 +44,22 @@ struct Cluster {
     tracker: Tracker,
 }
 
+impl Cluster {
+    /// Asks the tracker for the blob's torrent, so it fetches and seeds the blob now.
+    async fn seed_on_tracker(&self, digest: &str) {
+        let r = http_client()
+            .get(format!(
+                "{}/v1/torrents/{}/{REPO}/blobs/{digest}",
+                self.tracker.url(),
+                self.registry.authority(),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+}
+
 /// A registry holding a generated image with one layer per size, and a tracker for it.
 async fn cluster(layers: &[u64], seed: u64, tracker_args: &[&str]) -> Cluster {
     let registry = Registry::start(RegistryOptions::default()).await.unwrap();
@@ -1058,17 +1074,7 @@ async fn tracker_serving_corrupted_pieces() {
     let c = cluster(&[size], 87, &[]).await;
     let layer = c.image.layers[0].clone();
     let digest: Digest = layer.digest.parse().unwrap();
-    let r = http_client()
-        .get(format!(
-            "{}/v1/torrents/{}/{REPO}/blobs/{}",
-            c.tracker.url(),
-            c.registry.authority(),
-            layer.digest
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    c.seed_on_tracker(&layer.digest).await;
     let held = c.tracker.data_dir().join("blobs").join(digest.file_name());
     flip_byte(&held, 2 * PIECE + 5).unwrap();
     let p = Proxy::start(
@@ -1451,17 +1457,7 @@ async fn a_peer_that_takes_requests_and_never_answers() {
     let digest: Digest = layer.digest.parse().unwrap();
     let bytes = c.image.blob_bytes(&layer.digest).unwrap();
     let torrent = bay_common::torrent::BlobTorrent::from_bytes(digest, &bytes).unwrap();
-    let r = http_client()
-        .get(format!(
-            "{}/v1/torrents/{}/{REPO}/blobs/{}",
-            c.tracker.url(),
-            c.registry.authority(),
-            layer.digest
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    c.seed_on_tracker(&layer.digest).await;
     let hole = BlackHolePeer::start(torrent.info_hash(), torrent.piece_count()).await;
     hole.announce(&c.tracker.url(), torrent.info_hash()).await;
 
