@@ -55,6 +55,9 @@ const HELD_TTL: Duration = Duration::from_secs(30);
 /// at once, and so may the peer it stole from); each time it asks for the piece anew, and
 /// reading it from the tracker every time made this a tight loop of tracker reads.
 const RECENT_PIECES: usize = 4;
+/// ... and at most this many bytes of them (a big blob's pieces are up to 16 MiB), though the
+/// last piece is always kept.
+const RECENT_BYTES: usize = 4 << 20;
 /// Shortest time the swarm may send nothing at all before this node fetches what it lacks
 /// itself. It waits longer while the tracker is slow to send pieces (see [`fill_after`]).
 const MIN_FILL_AFTER: Duration = Duration::from_secs(2);
@@ -445,8 +448,13 @@ impl State {
         if covered >= h.data.len() as u64 {
             let data = h.data.clone();
             self.got(block.index);
-            if self.recent.len() == RECENT_PIECES {
-                self.recent.pop_front();
+            let mut bytes: usize = self.recent.iter().map(|(_, d)| d.len()).sum();
+            while !self.recent.is_empty()
+                && (self.recent.len() == RECENT_PIECES || bytes + data.len() > RECENT_BYTES)
+            {
+                if let Some((_, old)) = self.recent.pop_front() {
+                    bytes -= old.len();
+                }
             }
             self.recent.push_back((block.index, data));
         }
@@ -1053,6 +1061,36 @@ mod tests {
         for p in 2..pieces {
             assert_eq!(s.take_block(again(p)).unwrap()[0], p as u8);
         }
+
+        // Big pieces: as many as fit in RECENT_BYTES, and always the last.
+        let big = RECENT_BYTES / 2 + 1;
+        let mut s = state(3);
+        for p in 0..3u32 {
+            s.held.insert(
+                p,
+                Held {
+                    data: Bytes::from(vec![p as u8; big]),
+                    sent: BTreeMap::new(),
+                    since: Instant::now(),
+                },
+            );
+            s.held_bytes += big as u64;
+            let mut begin = 0;
+            while (begin as usize) < big {
+                let length = (MAX_BLOCK as usize).min(big - begin as usize) as u32;
+                assert!(
+                    s.take_block(Block {
+                        index: p,
+                        begin,
+                        length
+                    })
+                    .is_some()
+                );
+                begin += length;
+            }
+        }
+        assert_eq!(s.recent.len(), 1);
+        assert_eq!(s.recent[0].0, 2);
     }
 
     #[tokio::test]
