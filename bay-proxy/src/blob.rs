@@ -426,13 +426,7 @@ impl Blobs {
                     continue;
                 }
                 // One a client already started counts too: the next waits for it all the same.
-                let running = this
-                    .downloads
-                    .lock()
-                    .expect("poisoned")
-                    .get(&req.digest)
-                    .cloned();
-                let d = match running {
+                let d = match this.running(&req.digest) {
                     Some(d) => d,
                     None => {
                         let span =
@@ -474,18 +468,22 @@ impl Blobs {
     }
 
     fn held_or_running(&self, digest: &Digest) -> bool {
-        self.store.get(digest).is_some()
-            || self
-                .downloads
-                .lock()
-                .expect("poisoned")
-                .contains_key(digest)
+        self.store.get(digest).is_some() || self.running(digest).is_some()
+    }
+
+    /// The blob's download in progress, if one is.
+    fn running(&self, digest: &Digest) -> Option<Arc<Download>> {
+        self.downloads
+            .lock()
+            .expect("poisoned")
+            .get(digest)
+            .cloned()
     }
 
     /// Joins the running download of the blob, or starts one.
     async fn download(self: &Arc<Self>, req: &BlobRequest) -> Result<Arc<Download>, Start> {
-        if let Some(d) = self.downloads.lock().expect("poisoned").get(&req.digest) {
-            return Ok(d.clone());
+        if let Some(d) = self.running(&req.digest) {
+            return Ok(d);
         }
         let fetched = self.torrent_for(req).await.map_err(|e| match e {
             TrackersError::Refused(r) => Start::Refused(r),
@@ -506,13 +504,7 @@ impl Blobs {
         // Someone may have started it while we asked the tracker, or even finished it: a
         // tracker that was slow to answer (an unreachable one tried first) can take longer
         // than a small blob's whole download, which now seeds from the cache.
-        let running = self
-            .downloads
-            .lock()
-            .expect("poisoned")
-            .get(&req.digest)
-            .cloned();
-        let started = match running {
+        let started = match self.running(&req.digest) {
             Some(d) => Ok(d),
             None if self.store.get(&req.digest).is_some() => Err(Start::Held),
             None => self.start_download(req, fetched).await,
