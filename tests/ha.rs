@@ -131,13 +131,26 @@ async fn pulls_survive_losing_the_owning_tracker() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_empty_owner_does_not_fetch_what_another_tracker_holds() {
     let registry = Registry::start(RegistryOptions::default()).await.unwrap();
-    let image = Image::generate(&[8 << 20, 8 << 20, 8 << 20, 8 << 20], 3).unwrap();
-    image.push(&registry, "ha/held:1", None).await.unwrap();
     let trackers = [
         Tracker::start(&[registry.url()], &[]).await.unwrap(),
         Tracker::start(&[registry.url()], &[]).await.unwrap(),
     ];
     let urls: Vec<String> = trackers.iter().map(|t| t.url()).collect();
+    // The trackers' ports are random, so which one ranks first for a blob is too: pick an
+    // image whose blobs give each tracker something to own (1 in 16 would not).
+    let image = (0..)
+        .map(|seed| Image::generate(&[8 << 20, 8 << 20, 8 << 20, 8 << 20], 3 + seed).unwrap())
+        .find(|image| {
+            let owners: Vec<usize> = image
+                .layers
+                .iter()
+                .chain([&image.config])
+                .map(|b| owner(&urls, &b.digest))
+                .collect();
+            owners.contains(&0) && owners.contains(&1)
+        })
+        .unwrap();
+    image.push(&registry, "ha/held:1", None).await.unwrap();
     let blobs: Vec<_> = image.layers.iter().chain([&image.config]).collect();
     // Each blob is held by the tracker that does not rank first for it, as after a failover.
     let mut owners = [0u64; 2];
@@ -156,7 +169,6 @@ async fn an_empty_owner_does_not_fetch_what_another_tracker_holds() {
             .unwrap();
         assert_eq!(r.status(), reqwest::StatusCode::OK);
     }
-    // Otherwise both trackers are not each the owner of something.
     assert!(owners.iter().all(|&n| n > 0), "owners {owners:?}");
 
     let proxies = [
