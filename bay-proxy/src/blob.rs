@@ -151,7 +151,7 @@ pub struct Blobs {
     /// prefetch) starting the same one must not both add it to the session.
     starting: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// Manifests whose blobs are being prefetched.
-    prefetching: Mutex<std::collections::HashSet<Digest>>,
+    prefetching: Arc<Mutex<std::collections::HashSet<Digest>>>,
     pub metrics: Metrics,
     /// Stops the background work of downloads at shutdown.
     stop: CancellationToken,
@@ -181,7 +181,7 @@ impl Blobs {
             stall_timeout,
             downloads: Mutex::default(),
             starting: Mutex::default(),
-            prefetching: Mutex::default(),
+            prefetching: Arc::default(),
             metrics: Metrics::default(),
             stop,
             webseed_gate: Arc::default(),
@@ -378,7 +378,7 @@ impl Blobs {
         digests: Vec<Digest>,
         authorization: Option<HeaderValue>,
     ) {
-        let Some(running) = PrefetchGuard::enter(self, manifest) else {
+        let Some(running) = PrefetchGuard::enter(&self.prefetching, manifest) else {
             tracing::debug!(manifest = %manifest, "not prefetching: already running, or too many are");
             return;
         };
@@ -772,6 +772,7 @@ impl Blobs {
         }
         if let Err(e) = d.landing.flushed().await {
             tracing::warn!("writing the downloaded blob failed, not caching it: {e}");
+            self.metrics.commit_failures.inc();
             return false;
         }
         // librqbit checked every piece against the torrent; the digest is checked here unless
@@ -798,6 +799,7 @@ impl Blobs {
         let linked = tokio::fs::hard_link(file, &staged).await;
         if let Err(e) = linked.and(tokio::fs::rename(&staged, &dest).await) {
             tracing::warn!("caching blob failed, serving without caching: {e}");
+            self.metrics.commit_failures.inc();
             let _ = tokio::fs::remove_file(&staged).await;
             return false;
         }
@@ -1061,19 +1063,22 @@ const MAX_PREFETCHES: usize = 4;
 
 /// A running prefetch of a manifest's blobs, until both its tasks end.
 struct PrefetchGuard {
-    blobs: Arc<Blobs>,
+    running: Arc<Mutex<std::collections::HashSet<Digest>>>,
     manifest: Digest,
 }
 
 impl PrefetchGuard {
-    fn enter(blobs: &Arc<Blobs>, manifest: &Digest) -> Option<Arc<PrefetchGuard>> {
-        let mut running = blobs.prefetching.lock().expect("poisoned");
-        if running.contains(manifest) || running.len() >= MAX_PREFETCHES {
+    fn enter(
+        running: &Arc<Mutex<std::collections::HashSet<Digest>>>,
+        manifest: &Digest,
+    ) -> Option<Arc<PrefetchGuard>> {
+        let mut set = running.lock().expect("poisoned");
+        if set.contains(manifest) || set.len() >= MAX_PREFETCHES {
             return None;
         }
-        running.insert(manifest.clone());
+        set.insert(manifest.clone());
         Some(Arc::new(PrefetchGuard {
-            blobs: blobs.clone(),
+            running: running.clone(),
             manifest: manifest.clone(),
         }))
     }
@@ -1081,8 +1086,7 @@ impl PrefetchGuard {
 
 impl Drop for PrefetchGuard {
     fn drop(&mut self) {
-        self.blobs
-            .prefetching
+        self.running
             .lock()
             .expect("poisoned")
             .remove(&self.manifest);
@@ -1216,7 +1220,8 @@ impl Tee {
                 torrent: Some(torrent),
             }),
             Err(e) => {
-                tracing::warn!("cannot cache the blob, streaming only: {e}");
+                tracing::warn!(digest = %digest, "cannot cache the blob, streaming only: {e}");
+                blobs.metrics.commit_failures.inc();
                 None
             }
         }
@@ -1640,6 +1645,33 @@ impl VerifyingBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefetches_are_one_per_manifest_and_capped() {
+        let running = Arc::default();
+        let manifest = |i: u8| Digest::sha256_of(&[i]);
+        let guards: Vec<_> = (0..MAX_PREFETCHES as u8)
+            .map(|i| PrefetchGuard::enter(&running, &manifest(i)).expect("under the cap"))
+            .collect();
+        assert!(
+            PrefetchGuard::enter(&running, &manifest(0)).is_none(),
+            "a second prefetch of one manifest"
+        );
+        let over = manifest(MAX_PREFETCHES as u8);
+        assert!(
+            PrefetchGuard::enter(&running, &over).is_none(),
+            "a prefetch over the cap"
+        );
+        drop(guards.into_iter().next());
+        assert!(
+            PrefetchGuard::enter(&running, &over).is_some(),
+            "a slot freed"
+        );
+        assert!(
+            PrefetchGuard::enter(&running, &manifest(0)).is_some(),
+            "the manifest whose prefetch ended"
+        );
+    }
 
     #[test]
     fn only_a_storm_of_steals_cuts_the_wait_for_a_stalled_swarm_short() {
