@@ -129,10 +129,31 @@ async fn a_restart_drops_a_cached_blob_damaged_meanwhile() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blob_that_cannot_be_cached_is_served_and_the_failure_counted() {
     let s = setup(43).await;
-    let layer = s.image.layers[0].clone();
-    let good = s.image.blob_bytes(&layer.digest).unwrap();
     // No tracker: the blob comes from upstream, through the proxy's cache-filling path.
     let p = Proxy::start(&[], &s.registry.url(), &[]).await.unwrap();
+    uncacheable_blob_is_served_and_counted(
+        &s,
+        &p,
+        "verified blob from upstream not cached: moving it to",
+    )
+    .await;
+}
+
+/// The same for a swarm download: its finished file cannot be linked into the cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_swarm_download_that_cannot_be_cached_is_served_and_the_failure_counted() {
+    let s = setup(44).await;
+    let p = Proxy::start(&[s.tracker.url()], &s.registry.url(), &[])
+        .await
+        .unwrap();
+    uncacheable_blob_is_served_and_counted(&s, &p, "caching blob failed, serving without caching")
+        .await;
+    assert_eq!(p.stats().await.unwrap()["fallbacks"], 0);
+}
+
+async fn uncacheable_blob_is_served_and_counted(s: &Setup, p: &Proxy, logged: &str) {
+    let layer = s.image.layers[0].clone();
+    let good = s.image.blob_bytes(&layer.digest).unwrap();
     // After the start-up scan of the cache, which would remove the stray directory.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -147,13 +168,13 @@ async fn a_blob_that_cannot_be_cached_is_served_and_the_failure_counted() {
         assert!(std::time::Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let blocker = cached_path(&p, &layer.digest);
+    let blocker = cached_path(p, &layer.digest);
     std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
 
-    let (status, body) = get(&blob_url(&p, &layer.digest), None).await;
+    let (status, body) = get(&blob_url(p, &layer.digest), None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body == good);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let m = loop {
         let m = Scrape::of(&format!("{}/_bay", p.url())).await.unwrap();
         if m.value("bay_cache_commit_failures_total") >= 1.0 || std::time::Instant::now() > deadline
@@ -165,8 +186,7 @@ async fn a_blob_that_cannot_be_cached_is_served_and_the_failure_counted() {
     assert_eq!(m.value("bay_cache_commit_failures_total"), 1.0);
     let log = p.log_text();
     assert!(
-        log.contains("verified blob from upstream not cached: moving it to")
-            && log.contains(&layer.digest),
+        log.contains(logged) && log.contains(&layer.digest),
         "the failure was not logged with its cause and digest:\n{log}"
     );
     assert_eq!(p.stats().await.unwrap()["blobs_held"], 0);

@@ -121,8 +121,9 @@ impl Default for Metrics {
         );
         r.register(
             "bay_cache_commit_failures",
-            "Verified blobs from upstream that could not be cached (the client got them; the \
-             log says why)",
+            "Blobs that could not be cached: a verified blob from upstream or a finished swarm \
+             download that could not be written or moved into the cache (the client got it; \
+             the log says why)",
             commit_failures.clone(),
         );
         r.register(
