@@ -742,8 +742,13 @@ async fn upstream_hanging_never_delivers_or_caches() {
     let f = faulty_upstream(Fault::Hang, 4).await;
     let url = blob_url(&f.proxy.url(), &f.digest);
     let pulling = tokio::spawn(async move { pull(&url, None, Duration::from_secs(12)).await });
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(f.fake.blob_gets() >= 1, "the fake saw no blob GET");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.fake.blob_gets() == 0 {
+        assert!(Instant::now() < deadline, "the fake saw no blob GET");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The fake has sent its quarter and hangs from here on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let health = http_client()
         .get(format!("{}/_bay/healthz", f.proxy.url()))
         .send()
