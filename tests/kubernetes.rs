@@ -100,6 +100,40 @@ fn kubernetes_manifests_agree_with_the_services() {
         );
     }
 
+    // Prometheus scrapes each pod where the service serves its metrics on every interface:
+    // the tracker's API, the proxy's metrics address (its registry API is on loopback only).
+    let env_port = |text: &str, var: &str| -> u64 {
+        let mut lines = text
+            .lines()
+            .skip_while(|l| !l.contains(&format!("name: {var}")));
+        lines.next().unwrap_or_else(|| panic!("{var} missing"));
+        let v = lines
+            .next()
+            .unwrap()
+            .trim()
+            .strip_prefix("value:")
+            .unwrap()
+            .trim();
+        let v = v.trim_matches('"');
+        assert!(
+            v.starts_with("0.0.0.0:"),
+            "{var} = {v} is not on every interface"
+        );
+        v.rsplit(':').next().unwrap().parse().unwrap()
+    };
+    for (file, var) in [
+        ("20-tracker.yaml", "BAY_LISTEN"),
+        ("30-proxy.yaml", "BAY_METRICS_LISTEN"),
+    ] {
+        let text = read(file);
+        assert_eq!(
+            value(&text, "prometheus.io/port:"),
+            env_port(&text, var),
+            "{file}: the scrape port is not where {var} serves /metrics"
+        );
+        assert!(text.contains("prometheus.io/path: /metrics"), "{file}");
+    }
+
     // Run the init container's script on two upstreams into a scratch directory.
     let proxy = read("30-proxy.yaml");
     let script: String = proxy

@@ -216,3 +216,27 @@ async fn metrics_follow_swarm_cache_and_fallback_pulls() {
     assert_eq!(img["bytes_from_upstream"], total, "{s}");
     assert_eq!(img["bytes_saved"], 0, "{s}");
 }
+
+/// `--metrics-listen` gives Prometheus an address of its own (the registry API stays on
+/// loopback): it serves the metrics and the probes, and nothing that reaches a registry.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_address_serves_metrics_and_probes_only() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let ip = bay_tests::loopback_ip();
+    let addr = format!("{ip}:{}", bay_tests::free_port(ip));
+    let p = Proxy::start(&[], &registry.url(), &["--metrics-listen", &addr])
+        .await
+        .unwrap();
+    let base = format!("http://{addr}");
+    bay_tests::wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(status(format!("{base}/healthz")).await, 200);
+    let m = Scrape::of(&base).await.unwrap();
+    m.get("bay_cache_blobs").unwrap();
+    // The registry API and the stats answer on the proxy's own address only.
+    assert_eq!(status(format!("{}/_bay/stats", p.url())).await, 200);
+    for path in ["/v2/", "/_bay/stats", "/_bay/metrics"] {
+        assert_eq!(status(format!("{base}{path}")).await, 404, "{path}");
+    }
+}

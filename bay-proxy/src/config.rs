@@ -20,6 +20,12 @@ pub struct Config {
     #[arg(long, env = "BAY_LISTEN", default_value = "127.0.0.1:80")]
     pub listen: SocketAddr,
 
+    /// Extra address that serves only /metrics, /healthz and /readyz, for a Prometheus that
+    /// cannot reach --listen (which stays on loopback: on a shared network it would be an open
+    /// registry proxy). Off by default.
+    #[arg(long, env = "BAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Base URL of a bay-tracker, e.g. http://tracker-1:6880 (repeatable, or comma-separated in
     /// the env var). Torrents are announced to all of them.
     #[arg(long = "tracker", env = "BAY_TRACKER", value_delimiter = ',')]

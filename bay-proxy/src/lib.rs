@@ -74,6 +74,22 @@ pub async fn run(
         passthrough: passthrough::Passthrough::new()?,
         ready: Default::default(),
     });
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+            tracing::info!(metrics_listen = %l.local_addr()?, "serving metrics");
+            let done = stop.clone();
+            Some(tokio::spawn(bay_common::serve::serve(
+                l,
+                routes::metrics_app(state.clone()),
+                async move { done.cancelled().await },
+                Duration::ZERO,
+            )))
+        }
+        None => None,
+    };
     tracing::info!(
         listen = %listener.local_addr()?,
         peer_port = config.peer_port,
@@ -99,6 +115,9 @@ pub async fn run(
     let leaving = swarm.stopped_announces();
     stop.cancel();
     reseed.abort();
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     blobs.wait_downloads(Duration::from_secs(2)).await;
     swarm.stop().await;
     let told = trackers

@@ -41,6 +41,16 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// What the --metrics-listen address serves: the metrics and the probes, nothing that reaches
+/// a registry.
+pub fn metrics_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
 async fn stats(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(state.blobs.stats()).into_response()
 }
