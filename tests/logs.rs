@@ -44,15 +44,18 @@ async fn text_logs_to_a_file_carry_no_colour_codes() {
     );
 }
 
-/// With `--log-format json` every line the proxy writes is a JSON object, and the line for a
-/// blob downloaded from the swarm has its figures as fields.
+/// With `--log-format json` every line the proxy and the tracker write is a JSON object, and
+/// the lines for a blob (downloaded from the swarm, fetched from upstream) have its figures and
+/// its digest as fields.
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_have_the_blob_line_as_fields() {
     let registry = Registry::start(RegistryOptions::default()).await.unwrap();
     let image = Image::generate(&[1 << 20], 51).unwrap();
     image.push(&registry, "test/logs:1", None).await.unwrap();
     let layer = image.layers[0].clone();
-    let tracker = Tracker::start(&[registry.url()], &[]).await.unwrap();
+    let tracker = Tracker::start(&[registry.url()], &["--log-format", "json"])
+        .await
+        .unwrap();
     let proxy = Proxy::start(
         &[tracker.url()],
         &registry.url(),
@@ -73,25 +76,7 @@ async fn json_logs_have_the_blob_line_as_fields() {
     r.bytes().await.unwrap();
     proxy.wait_held(1, Duration::from_secs(30)).await.unwrap();
 
-    let log = proxy.log_text();
-    let lines: Vec<&str> = log
-        .lines()
-        .filter(|l| !l.starts_with("==== bay-tests"))
-        .collect();
-    assert!(!lines.is_empty());
-    let mut blob_line = None;
-    for line in &lines {
-        let v: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-        assert!(
-            v["timestamp"].is_string() && v["level"].is_string(),
-            "{line}"
-        );
-        if v["message"] == "blob downloaded from the swarm" {
-            blob_line = Some(v);
-        }
-    }
-    let v = blob_line.unwrap_or_else(|| panic!("no blob line in:\n{log}"));
+    let v = json_line(&proxy.log_text(), "blob downloaded from the swarm");
     assert_eq!(v["size"], layer.size, "{v}");
     assert!(v["elapsed_ms"].is_u64(), "{v}");
     assert_eq!(
@@ -108,4 +93,34 @@ async fn json_logs_have_the_blob_line_as_fields() {
             .any(|s| s["digest"] == layer.digest.as_str() && s["repo"] == "test/logs"),
         "the digest and repository are not fields: {v}"
     );
+
+    let v = json_line(
+        &tracker.log_text(),
+        "fetched and verified blob from upstream",
+    );
+    assert_eq!(v["size"], layer.size, "{v}");
+    assert!(
+        v["spans"]
+            .as_array()
+            .is_some_and(|spans| spans.iter().any(|s| s["digest"] == layer.digest.as_str())),
+        "the tracker's digest is not a field: {v}"
+    );
+}
+
+/// Checks that every line of `log` is a JSON object with a timestamp and a level, and returns
+/// the one whose message is `message`.
+fn json_line(log: &str, message: &str) -> serde_json::Value {
+    let mut found = None;
+    for line in log.lines().filter(|l| !l.starts_with("==== bay-tests")) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        if v["message"] == message {
+            found = Some(v);
+        }
+    }
+    found.unwrap_or_else(|| panic!("no {message:?} line in:\n{log}"))
 }
