@@ -281,3 +281,114 @@ async fn an_unreachable_owner_costs_one_connect_timeout_and_no_upstream_fallback
         proxy.log_text()
     );
 }
+
+/// Freezes a process (SIGSTOP) until dropped: the kernel still accepts connections to its
+/// sockets, and nothing answers them, as with a hung tracker.
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Frozen {
+        let ok = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -STOP {pid}");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// A tracker that hangs (its process frozen) costs a pull seconds, not the 30 minutes a torrent
+/// request may wait while a tracker fetches a big blob: the proxy checks a tracker's health
+/// while it waits on it, and passes over one that stopped answering. It is asked both ways
+/// here: for a held copy (every blob) and to fetch (the blobs it ranks first for).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_tracker_is_passed_over_not_waited_on() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let trackers = [
+        Tracker::start(&[registry.url()], &[]).await.unwrap(),
+        Tracker::start(&[registry.url()], &[]).await.unwrap(),
+    ];
+    let urls: Vec<String> = trackers.iter().map(|t| t.url()).collect();
+    // An image with a blob the frozen tracker (0) ranks first for.
+    let image = (0..)
+        .map(|seed| Image::generate(&[2 << 20, 2 << 20], 700 + seed).unwrap())
+        .find(|image| owner(&urls, &image.layers[0].digest) == 0)
+        .unwrap();
+    image.push(&registry, "ha/frozen:1", None).await.unwrap();
+    let proxy = Proxy::start(&urls, &registry.url(), &[]).await.unwrap();
+    let _frozen = Frozen::new(trackers[0].pid().unwrap());
+
+    let started = Instant::now();
+    let out = tempfile::tempdir().unwrap();
+    let pulled = tokio::time::timeout(
+        Duration::from_secs(120),
+        skopeo_pull(&proxy.authority(), "ha/frozen:1", out.path(), None),
+    )
+    .await;
+    assert!(
+        matches!(pulled, Ok(Ok(_))),
+        "the pull did not finish past a frozen tracker in 120 s: {pulled:?}"
+    );
+    eprintln!("pull past a frozen tracker: {:?}", started.elapsed());
+    for blob in image.layers.iter().chain([&image.config]) {
+        let path = out.path().join(blob.digest.trim_start_matches("sha256:"));
+        assert_eq!(sha256_file(&path).unwrap(), blob.digest);
+        assert_eq!(registry.blob_gets(&blob.digest), 1, "{}", blob.digest);
+    }
+    let stats = proxy.stats().await.unwrap();
+    assert_eq!(stats["fallbacks"].as_u64(), Some(0), "{stats}");
+    assert!(
+        proxy.log_text().contains("stopped answering"),
+        "the proxy did not say why it passed the tracker over"
+    );
+}
+
+/// The other side of the health check: a tracker that takes longer to fetch a blob than a hung
+/// one takes to be found out (here 20 s, upstream held to 256 KiB/s) answers its health checks
+/// and is waited for, not passed over for upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tracker_busy_fetching_is_waited_for() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let image = Image::generate(&[5 << 20], 750).unwrap();
+    image.push(&registry, "ha/slow:1", None).await.unwrap();
+    let tracker = Tracker::start(&[registry.url()], &["--upstream-rate", "256K"])
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&[tracker.url()], &registry.url(), &[])
+        .await
+        .unwrap();
+    let layer = &image.layers[0];
+    let started = Instant::now();
+    let body = bay_tests::http_client()
+        .get(format!("{}/v2/ha/slow/blobs/{}", proxy.url(), layer.digest))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(
+        bay_common::Digest::sha256_of(&body).to_string(),
+        layer.digest
+    );
+    // Otherwise the health check was never put to the test.
+    assert!(
+        took > Duration::from_secs(16),
+        "the fetch took only {took:?}"
+    );
+    assert_eq!(registry.blob_gets(&layer.digest), 1);
+    let stats = proxy.stats().await.unwrap();
+    assert_eq!(stats["fallbacks"].as_u64(), Some(0), "{stats}");
+    assert!(!proxy.log_text().contains("stopped answering"));
+}

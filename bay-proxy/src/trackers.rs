@@ -25,6 +25,14 @@ const TORRENT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// kernel after 1 s and 3 s): a connect must outlast two lost ones, or the proxy fails over
 /// and the next tracker fetches the same blob from upstream again.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// While a torrent request waits, the tracker's `/healthz` is asked this often; a tracker that
+/// misses [`HEALTH_MISSES`] in a row (each given [`HEALTH_TIMEOUT`]) is taken for hung (a frozen
+/// process: its kernel still accepts connections and nothing answers them), so the request
+/// moves on in seconds instead of waiting out [`TORRENT_TIMEOUT`]. A tracker busy fetching a
+/// big blob answers it at once.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+const HEALTH_MISSES: u32 = 2;
 /// Longest a tracker may go without sending piece bytes while a range is being read.
 const PIECES_READ_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -63,6 +71,9 @@ enum Failure {
     /// The tracker answered something that is not a torrent of the blob.
     #[error("{0}")]
     Answer(String),
+    /// The tracker stopped answering its health checks while the request waited.
+    #[error("{0}")]
+    Hung(String),
 }
 
 /// A tracker's answer that is not a torrent but final.
@@ -182,6 +193,8 @@ impl Trackers {
         let mut last = String::new();
         // Trackers this call already could not reach: not sent the same request again.
         let mut lost = vec![false; self.urls.len()];
+        // Trackers this call found hung: not asked again by it.
+        let mut hung = vec![false; self.urls.len()];
         if self.urls.len() > 1 {
             for i in self.ranked(digest) {
                 if self.cooling(i) {
@@ -196,6 +209,7 @@ impl Trackers {
                     Ok(Err(Answer::UpstreamFailed(..))) => {}
                     Err(e) => {
                         lost[i] |= matches!(e, Failure::Transport(_));
+                        hung[i] |= matches!(e, Failure::Hung(_));
                         last = e.to_string();
                     }
                 }
@@ -204,6 +218,9 @@ impl Trackers {
         // Ranked again: a tracker that just failed (here or for another request) goes last, so
         // an unreachable owner costs one connect timeout, not one per pass.
         for i in self.ranked(digest) {
+            if hung[i] {
+                continue;
+            }
             // A request that failed on its way (a dropped SYN, a pooled connection the tracker
             // had just closed) is sent once more before the next tracker is asked to fetch.
             let mut answer = self.ask(i, &path, digest, authorization, false).await;
@@ -254,7 +271,7 @@ impl Trackers {
         if held_only {
             req = req.header(header::CACHE_CONTROL, "only-if-cached");
         }
-        let result = async {
+        let answer = async {
             let resp = req
                 .send()
                 .await
@@ -302,8 +319,11 @@ impl Trackers {
                 metainfo: bytes,
                 from: base.clone(),
             }))
-        }
-        .await;
+        };
+        let result = tokio::select! {
+            result = answer => result,
+            why = self.hung(base) => Err(Failure::Hung(why)),
+        };
         match &result {
             Ok(_) => self.mark(i, true),
             Err(e) => {
@@ -312,6 +332,35 @@ impl Trackers {
             }
         }
         result
+    }
+
+    /// Resolves once the tracker at `base` has missed [`HEALTH_MISSES`] health checks in a row.
+    async fn hung(&self, base: &url::Url) -> String {
+        let Ok(url) = base.join("healthz") else {
+            return std::future::pending().await;
+        };
+        let mut misses = 0;
+        loop {
+            // After a miss the next check goes at once.
+            if misses == 0 {
+                tokio::time::sleep(HEALTH_EVERY).await;
+            }
+            let answered = self
+                .pieces_client
+                .get(url.clone())
+                .timeout(HEALTH_TIMEOUT)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            misses = if answered { 0 } else { misses + 1 };
+            if misses >= HEALTH_MISSES {
+                return format!(
+                    "{base} stopped answering: {misses} health checks of {}s each went \
+                     unanswered while the torrent request waited",
+                    HEALTH_TIMEOUT.as_secs()
+                );
+            }
+        }
     }
 
     /// Bytes `start..=end` of a held blob from the tracker at `base` (see bay-tracker's
