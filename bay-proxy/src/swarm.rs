@@ -31,7 +31,7 @@ use librqbit::{
 /// How the BitTorrent session treats its connections (`--request-window`, `--peer-limit`).
 #[derive(Clone, Copy, Debug)]
 pub struct Tuning {
-    /// 16 KiB chunks in flight per connection; 16 is one 256 KiB piece.
+    /// 16 KiB chunks in flight per connection (16 is one 256 KiB piece).
     pub request_window: usize,
     pub peer_limit: usize,
 }
@@ -39,7 +39,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            request_window: 16,
+            request_window: 4,
             peer_limit: 128,
         }
     }
