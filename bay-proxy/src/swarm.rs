@@ -39,7 +39,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            request_window: 4,
+            request_window: 16,
             peer_limit: 128,
         }
     }
