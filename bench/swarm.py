@@ -57,9 +57,13 @@ ANCHOR_SEED_PORT = 6882
 # --chaos: `loss` (1 % of the packets to and from a third of the nodes dropped, for the whole run), `kill-proxy`
 # (one proxy SIGKILLed mid-pull and started again on its data dir a second later), `kill-tracker`
 # (the second tracker of the HA pair SIGKILLed mid-pull; started again before the next mode),
-# `pause-registry` (docker-registry SIGSTOPped for 20 s early in the cold mode).
-FAULTS = ("loss", "kill-proxy", "kill-tracker", "pause-registry")
+# `pause-registry` (docker-registry SIGSTOPped for 20 s early in the cold mode); not in the default set,
+# `freeze-tracker` (the second tracker SIGSTOPped for 60 s at the moment kill-tracker would strike: a
+# hung tracker, whose kernel still accepts connections; instead of kill-tracker, not with it).
+FAULTS = ("loss", "kill-proxy", "kill-tracker", "pause-registry", "freeze-tracker")
+DEFAULT_FAULTS = ("loss", "kill-proxy", "kill-tracker", "pause-registry")
 REGISTRY_PAUSE_S = 20
+TRACKER_FREEZE_S = 60
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -208,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chaos", type=int, metavar="SEED", default=None,
                    help="inject faults while the swarm modes run, chosen and timed by this seed (see "
                    "--chaos-faults); implies --trackers 2 and skopeo retries")
-    p.add_argument("--chaos-faults", default=",".join(FAULTS),
+    p.add_argument("--chaos-faults", default=",".join(DEFAULT_FAULTS),
                    help=f"which faults --chaos injects, a subset of {','.join(FAULTS)}")
     p.add_argument("--loss", type=float, default=1.0,
                    help="percent of packets the `loss` fault drops on each chosen node's links, both ways")
@@ -844,8 +848,9 @@ class Bench:
         drawn = [(r.uniform(0.2, 0.4) * tstar, "kill-proxy", r.randrange(self.args.nodes)),
                  (r.uniform(0.3, 0.6) * tstar, "kill-tracker", 2),
                  (r.uniform(0.0, 0.2) * tstar, "pause-registry", 0)]
+        drawn.append((drawn[1][0], "freeze-tracker", 2))
         return sorted(d for d in drawn if d[1] in self.faults
-                      and (d[1] != "kill-tracker" or self.tracker2 is not None)
+                      and (not d[1].endswith("-tracker") or self.tracker2 is not None)
                       and (d[1] != "pause-registry" or mode == "cold"))
 
     def chaos_run(self, mode: str, plan, start: float, stop: threading.Event, events: list) -> None:
@@ -888,6 +893,12 @@ class Bench:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
             note("killed bay-tracker 2 of 2")
+        elif fault == "freeze-tracker":
+            os.kill(self.tracker2.pid, signal.SIGSTOP)
+            note(f"froze bay-tracker 2 of 2 (SIGSTOP) for {TRACKER_FREEZE_S} s")
+            stop.wait(TRACKER_FREEZE_S)
+            os.kill(self.tracker2.pid, signal.SIGCONT)
+            note("thawed bay-tracker 2 of 2 (SIGCONT)")
         elif fault == "pause-registry":
             os.kill(self.registry.pid, signal.SIGSTOP)
             note(f"paused docker-registry (SIGSTOP) for {REGISTRY_PAUSE_S} s")
@@ -1716,6 +1727,8 @@ def main() -> int:
         bad = [f for f in args.chaos_faults.split(",") if f and f not in FAULTS]
         if bad:
             sys.exit(f"--chaos-faults: unknown {bad}; choose from {','.join(FAULTS)}")
+        if {"kill-tracker", "freeze-tracker"} <= set(args.chaos_faults.split(",")):
+            sys.exit("--chaos-faults: kill-tracker and freeze-tracker strike the same tracker; pick one")
     if not 0 < args.loss < 100:
         sys.exit(f"--loss {args.loss}: a percentage between 0 and 100")
     derive_timeouts(args)
