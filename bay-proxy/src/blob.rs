@@ -64,8 +64,8 @@ fn storm_stalled(quiet: Duration, stall_timeout: Duration, steals: u64) -> bool 
 /// hashing the file itself.
 const STREAM_VERIFY_WAIT: Duration = Duration::from_secs(10);
 /// How far a prefetched download gets before the next one starts (see [`Blobs::prefetch`]).
-/// A quarter: N=16, 64 MiB in 4 layers, 100 Mbit/s, warm 1.77 → 1.67–1.69 T*
-/// (`bench/RESULTS.md`, "Prefetch a quarter ahead").
+/// A quarter: N=16, 64 MiB in 4 layers, 100 Mbit/s, warm 1.77 → 1.71 T* (medians of 3); at
+/// 10 Mbit/s and 256 MiB 1.164 → 1.166 (`bench/RESULTS.md`, "Prefetch a quarter ahead").
 const PREFETCH_STAGGER: f64 = 0.25;
 /// How often a running download reports its progress in the log.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
