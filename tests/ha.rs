@@ -18,6 +18,26 @@ fn owner(tracker_urls: &[String], digest: &str) -> usize {
     rendezvous(&normalized, digest)[0]
 }
 
+/// Two trackers of `registry` and their URLs, in the order the proxies are given them.
+async fn two_trackers(registry: &Registry) -> ([Tracker; 2], Vec<String>) {
+    let trackers = [
+        Tracker::start(&[registry.url()], &[]).await.unwrap(),
+        Tracker::start(&[registry.url()], &[]).await.unwrap(),
+    ];
+    let urls = trackers.iter().map(|t| t.url()).collect();
+    (trackers, urls)
+}
+
+/// The first image of layers `sizes` (seeds from `seed` on) for which `wanted` holds: which
+/// tracker ranks first for a blob depends on the trackers' random ports, so tests that need a
+/// given owner pick their image after the trackers started.
+fn image_where(sizes: &[u64], seed: u64, wanted: impl Fn(&Image) -> bool) -> Image {
+    (seed..)
+        .map(|seed| Image::generate(sizes, seed).unwrap())
+        .find(|image| wanted(image))
+        .unwrap()
+}
+
 async fn pull_all(proxies: &[Proxy], image: &Image, reference: &str) -> Vec<Duration> {
     let started = Instant::now();
     let outs: Vec<tempfile::TempDir> = proxies
@@ -131,25 +151,18 @@ async fn pulls_survive_losing_the_owning_tracker() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_empty_owner_does_not_fetch_what_another_tracker_holds() {
     let registry = Registry::start(RegistryOptions::default()).await.unwrap();
-    let trackers = [
-        Tracker::start(&[registry.url()], &[]).await.unwrap(),
-        Tracker::start(&[registry.url()], &[]).await.unwrap(),
-    ];
-    let urls: Vec<String> = trackers.iter().map(|t| t.url()).collect();
+    let (trackers, urls) = two_trackers(&registry).await;
     // The trackers' ports are random, so which one ranks first for a blob is too: pick an
     // image whose blobs give each tracker something to own (1 in 16 would not).
-    let image = (0..)
-        .map(|seed| Image::generate(&[8 << 20, 8 << 20, 8 << 20, 8 << 20], 3 + seed).unwrap())
-        .find(|image| {
-            let owners: Vec<usize> = image
-                .layers
-                .iter()
-                .chain([&image.config])
-                .map(|b| owner(&urls, &b.digest))
-                .collect();
-            owners.contains(&0) && owners.contains(&1)
-        })
-        .unwrap();
+    let image = image_where(&[8 << 20, 8 << 20, 8 << 20, 8 << 20], 3, |image| {
+        let owners: Vec<usize> = image
+            .layers
+            .iter()
+            .chain([&image.config])
+            .map(|b| owner(&urls, &b.digest))
+            .collect();
+        owners.contains(&0) && owners.contains(&1)
+    });
     image.push(&registry, "ha/held:1", None).await.unwrap();
     let blobs: Vec<_> = image.layers.iter().chain([&image.config]).collect();
     // Each blob is held by the tracker that does not rank first for it, as after a failover.
@@ -231,10 +244,9 @@ async fn an_unreachable_owner_costs_one_connect_timeout_and_no_upstream_fallback
     let tracker = Tracker::start(&[registry.url()], &[]).await.unwrap();
     let urls = vec![gone_url.clone(), tracker.url()];
     // An image whose layer ranks the unreachable tracker first.
-    let image = (0..)
-        .map(|seed| Image::generate(&[1 << 20], 400 + seed).unwrap())
-        .find(|image| owner(&urls, &image.layers[0].digest) == 0)
-        .unwrap();
+    let image = image_where(&[1 << 20], 400, |image| {
+        owner(&urls, &image.layers[0].digest) == 0
+    });
     image.push(&registry, "ha/gone:1", None).await.unwrap();
     let proxy = Proxy::start(&urls, &registry.url(), &[]).await.unwrap();
 
@@ -313,16 +325,11 @@ impl Drop for Frozen {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_tracker_is_passed_over_not_waited_on() {
     let registry = Registry::start(RegistryOptions::default()).await.unwrap();
-    let trackers = [
-        Tracker::start(&[registry.url()], &[]).await.unwrap(),
-        Tracker::start(&[registry.url()], &[]).await.unwrap(),
-    ];
-    let urls: Vec<String> = trackers.iter().map(|t| t.url()).collect();
+    let (trackers, urls) = two_trackers(&registry).await;
     // An image with a blob the frozen tracker (0) ranks first for.
-    let image = (0..)
-        .map(|seed| Image::generate(&[2 << 20, 2 << 20], 700 + seed).unwrap())
-        .find(|image| owner(&urls, &image.layers[0].digest) == 0)
-        .unwrap();
+    let image = image_where(&[2 << 20, 2 << 20], 700, |image| {
+        owner(&urls, &image.layers[0].digest) == 0
+    });
     image.push(&registry, "ha/frozen:1", None).await.unwrap();
     let proxy = Proxy::start(&urls, &registry.url(), &[]).await.unwrap();
     let _frozen = Frozen::new(trackers[0].pid().unwrap());
