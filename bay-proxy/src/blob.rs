@@ -153,7 +153,7 @@ pub struct Blobs {
     /// prefetch) starting the same one must not both add it to the session.
     starting: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// Manifests whose blobs are being prefetched.
-    prefetching: Arc<Mutex<std::collections::HashSet<Digest>>>,
+    prefetching: Prefetching,
     pub metrics: Metrics,
     /// Stops the background work of downloads at shutdown.
     stop: CancellationToken,
@@ -1065,17 +1065,17 @@ impl std::fmt::Display for Start {
 /// Prefetches running at once, at most.
 const MAX_PREFETCHES: usize = 4;
 
+/// The manifests whose blobs are being prefetched.
+type Prefetching = Arc<Mutex<std::collections::HashSet<Digest>>>;
+
 /// A running prefetch of a manifest's blobs, until both its tasks end.
 struct PrefetchGuard {
-    running: Arc<Mutex<std::collections::HashSet<Digest>>>,
+    running: Prefetching,
     manifest: Digest,
 }
 
 impl PrefetchGuard {
-    fn enter(
-        running: &Arc<Mutex<std::collections::HashSet<Digest>>>,
-        manifest: &Digest,
-    ) -> Option<Arc<PrefetchGuard>> {
+    fn enter(running: &Prefetching, manifest: &Digest) -> Option<Arc<PrefetchGuard>> {
         let mut set = running.lock().expect("poisoned");
         if set.contains(manifest) || set.len() >= MAX_PREFETCHES {
             return None;
