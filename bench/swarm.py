@@ -894,17 +894,20 @@ class Bench:
                 pass
             note("killed bay-tracker 2 of 2")
         elif fault == "freeze-tracker":
-            os.kill(self.tracker2.pid, signal.SIGSTOP)
-            note(f"froze bay-tracker 2 of 2 (SIGSTOP) for {TRACKER_FREEZE_S} s")
-            stop.wait(TRACKER_FREEZE_S)
-            os.kill(self.tracker2.pid, signal.SIGCONT)
-            note("thawed bay-tracker 2 of 2 (SIGCONT)")
+            self.chaos_pause(self.tracker2.pid, TRACKER_FREEZE_S, stop, note,
+                             "froze bay-tracker 2 of 2", "thawed bay-tracker 2 of 2")
         elif fault == "pause-registry":
-            os.kill(self.registry.pid, signal.SIGSTOP)
-            note(f"paused docker-registry (SIGSTOP) for {REGISTRY_PAUSE_S} s")
-            stop.wait(REGISTRY_PAUSE_S)
-            os.kill(self.registry.pid, signal.SIGCONT)
-            note("resumed docker-registry (SIGCONT)")
+            self.chaos_pause(self.registry.pid, REGISTRY_PAUSE_S, stop, note,
+                             "paused docker-registry", "resumed docker-registry")
+
+    @staticmethod
+    def chaos_pause(pid: int, seconds: float, stop: threading.Event, note, paused: str, resumed: str) -> None:
+        """SIGSTOPs a process for `seconds` (less if the mode ends first), then SIGCONTs it."""
+        os.kill(pid, signal.SIGSTOP)
+        note(f"{paused} (SIGSTOP) for {seconds} s")
+        stop.wait(seconds)
+        os.kill(pid, signal.SIGCONT)
+        note(f"{resumed} (SIGCONT)")
 
     def fallbacks_by_reason(self) -> dict[str, int]:
         """The proxies' bay_fallbacks_total by reason (a restarted proxy counts from its restart)."""
