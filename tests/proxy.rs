@@ -483,3 +483,65 @@ async fn a_blob_a_client_stream_verified_is_not_hashed_again() {
         "{verified:?}"
     );
 }
+
+/// Cold, the proxies read their slices while the tracker still fetches the blob from upstream
+/// (`bay-proxy/src/early.rs`), and the tracker carries their slots over to the torrent: what
+/// they read early is not read from it again, and each byte still leaves the tracker about
+/// once. Upstream is held to 1 MiB/s, so the fetch takes 8 s and the reads have time to run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_blob_is_read_in_slices_while_the_tracker_fetches_it() {
+    let c = cluster(&[8 << 20], &["--upstream-rate", "1M"]).await;
+    let layer = c.image.layers[0].clone();
+    let trackers = [c.tracker.url()];
+    let mut proxies = Vec::new();
+    for _ in 0..4 {
+        proxies.push(
+            Proxy::start(&trackers, &c.registry.url(), &["--stall-timeout", "30"])
+                .await
+                .unwrap(),
+        );
+    }
+    let pulls = proxies.iter().map(|p| {
+        let url = format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest);
+        async move {
+            let r = http_client()
+                .get(url)
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            bay_common::Digest::sha256_of(&r.bytes().await.unwrap()).to_string()
+        }
+    });
+    for digest in futures::future::join_all(pulls).await {
+        assert_eq!(digest, layer.digest);
+    }
+    let mut from_tracker = 0;
+    for p in &proxies {
+        let s = p.wait_held(1, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(s["fallbacks"], 0, "{s}");
+        assert_eq!(s["bytes_from_upstream"], 0, "{s}");
+        from_tracker += s["bytes_from_trackers"].as_u64().unwrap();
+    }
+    let t: serde_json::Value = c.tracker.stats().await.unwrap();
+    let early = t["early_bytes_served"].as_u64().unwrap();
+    let served = t["piece_bytes_served"].as_u64().unwrap();
+    let size = layer.size as f64;
+    eprintln!(
+        "tracker served {:.2} S over HTTP, {:.2} S of it while fetching; proxies took {:.2} S from it",
+        served as f64 / size,
+        early as f64 / size,
+        from_tracker as f64 / size
+    );
+    // Without early reads nothing leaves the tracker before the fetch ends.
+    assert!(
+        early as f64 >= 0.5 * size,
+        "only {early} bytes were read while the tracker fetched: {t}"
+    );
+    assert!(
+        served as f64 <= 1.25 * size,
+        "the tracker sent {served} bytes of a {size}-byte blob: slices read early were read again: {t}"
+    );
+    assert_eq!(c.registry.blob_gets(&layer.digest), 1);
+}

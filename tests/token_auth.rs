@@ -425,6 +425,19 @@ async fn tracker_hands_private_torrents_only_to_readers() {
         assert_refused(reqwest::Method::GET, &torrent, caller, &realm).await;
     }
     assert_eq!(c.registry.blob_gets(&layer.digest), 0);
+    // The bytes of a blob being fetched, and slices of it, are the blob too.
+    let early = torrent.replace("/v1/torrents/", "/v1/early/");
+    let early_slot = format!("{early}/slot?port=6881");
+    for caller in callers {
+        assert_refused(reqwest::Method::GET, &early, caller, &realm).await;
+        assert_refused(reqwest::Method::GET, &early_slot, caller, &realm).await;
+    }
+    // A reader asking while no fetch runs is told so, and nothing is fetched for it.
+    for url in [&early, &early_slot] {
+        let r = send(reqwest::Method::GET, url, Some(&alice)).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+    assert_eq!(c.registry.blob_gets(&layer.digest), 0);
 
     let r = send(reqwest::Method::GET, &torrent, Some(&alice)).await;
     assert_eq!(r.status(), StatusCode::OK);

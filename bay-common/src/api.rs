@@ -31,6 +31,28 @@ pub fn pieces_path(info_hash: &InfoHash) -> String {
     format!("/v1/pieces/{}", info_hash.to_hex())
 }
 
+/// Path of a blob the tracker is still fetching from upstream, relative to its base URL:
+/// `GET …/slot?port=<peer port>` answers an [`EarlySlot`], a `GET` of the path itself with
+/// `Range: bytes=…` the bytes as they land. A proxy waiting for the torrent reads its slice
+/// there, so the tracker's uplink works while its downlink fetches (`bay-tracker`'s `early`).
+/// The caller's `Authorization` is checked with upstream as for a torrent.
+pub fn early_path(registry: &Registry, name: &RepositoryName, digest: &Digest) -> String {
+    format!(
+        "/v1/early/{}/{}/blobs/{}",
+        registry.authority(),
+        name,
+        digest
+    )
+}
+
+/// The answer to an early slot request: the slice, as for a held blob's slot, and the size
+/// upstream announced (the piece length follows from it, `torrent::piece_length_for`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EarlySlot {
+    pub slot: Slot,
+    pub size: u64,
+}
+
 /// Registry error codes (distribution-spec "Error Codes", plus distribution's extras).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -123,6 +145,9 @@ pub struct TrackerStats {
     /// The part of `seed_uploaded_bytes` that proxies' web seeds read over HTTP.
     #[serde(default)]
     pub piece_bytes_served: u64,
+    /// The part of `piece_bytes_served` read while the blob was still being fetched.
+    #[serde(default)]
+    pub early_bytes_served: u64,
     /// Blob bytes handed to proxies as torrents against bytes fetched upstream, per image.
     #[serde(default)]
     pub savings: SavingsReport,

@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::early::{self, Early};
 use crate::error::ProxyError;
 use crate::landing::{self, Landing, Reader, Writer};
 use crate::metrics::{Metrics, outcome, reason, source};
@@ -162,6 +163,9 @@ pub struct Blobs {
     /// Writes downloads' verified pieces to their files.
     writer: Writer,
     pool: Arc<Pool>,
+    /// Slices read while trackers fetch the blobs, until their torrents come.
+    early: Mutex<HashMap<Digest, Early>>,
+    early_budget: Arc<early::Budget>,
 }
 
 impl Blobs {
@@ -189,6 +193,8 @@ impl Blobs {
             webseed_gate: Arc::default(),
             writer,
             pool: Pool::new(landing::POOL_BYTES),
+            early: Mutex::default(),
+            early_budget: Arc::default(),
         }
     }
 
@@ -489,7 +495,11 @@ impl Blobs {
         if let Some(d) = self.running(&req.digest) {
             return Ok(d);
         }
-        let fetched = self.torrent_for(req).await.map_err(|e| match e {
+        self.read_early(req);
+        let fetched = self.torrent_for(req).await.inspect_err(|_| {
+            self.early.lock().expect("poisoned").remove(&req.digest);
+        });
+        let fetched = fetched.map_err(|e| match e {
             TrackersError::Refused(r) => Start::Refused(r),
             TrackersError::UpstreamFailed { status, .. } => Start::UpstreamFailed {
                 status,
@@ -513,8 +523,29 @@ impl Blobs {
             None if self.store.get(&req.digest).is_some() => Err(Start::Held),
             None => self.start_download(req, fetched).await,
         };
+        self.early.lock().expect("poisoned").remove(&req.digest);
         self.starting.lock().expect("poisoned").remove(&req.digest);
         started
+    }
+
+    /// Starts reading this node's slice of the blob from a tracker fetching it, unless a read
+    /// of it runs already (`crate::early`).
+    fn read_early(&self, req: &BlobRequest) {
+        let mut early = self.early.lock().expect("poisoned");
+        if early.contains_key(&req.digest) {
+            return;
+        }
+        let ask = early::Ask {
+            trackers: self.trackers.clone(),
+            path: bay_common::api::early_path(&req.registry, &req.name, &req.digest),
+            digest: req.digest.clone(),
+            authorization: req.authorization.clone(),
+            peer_port: self.swarm.peer_port(),
+        };
+        early.insert(
+            req.digest.clone(),
+            Early::start(ask, self.early_budget.clone(), self.stop.child_token()),
+        );
     }
 
     /// Adds a download to the session and starts its web seed and supervisor; one at a time
@@ -550,6 +581,16 @@ impl Blobs {
             self.webseed_gate.clone(),
             self.stop.clone(),
         );
+        if let Some(early) = self.early.lock().expect("poisoned").remove(&req.digest) {
+            let pieces = early.finish(&torrent);
+            if !pieces.is_empty() {
+                tracing::info!(
+                    pieces = pieces.len(),
+                    "offering the pieces read while the tracker fetched the blob"
+                );
+                webseed.preload(pieces);
+            }
+        }
         let download = Arc::new(Download {
             torrent,
             handle,

@@ -3,6 +3,7 @@
 
 pub mod blob;
 pub mod config;
+pub mod early;
 pub mod error;
 pub mod landing;
 pub mod metrics;

@@ -35,6 +35,9 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 const HEALTH_MISSES: u32 = 2;
 /// Longest a tracker may go without sending piece bytes while a range is being read.
 const PIECES_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// The same for a blob being fetched, which waits on upstream (paused, or slow): a read cut
+/// off loses nothing, the pieces come later anyway.
+const EARLY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackersError {
@@ -60,6 +63,8 @@ pub struct Trackers {
     client: reqwest::Client,
     /// For piece ranges, which must keep flowing.
     pieces_client: reqwest::Client,
+    /// For ranges of blobs being fetched, which come as fast as upstream sends them.
+    early_client: reqwest::Client,
 }
 
 /// Why a torrent request got no answer to go by.
@@ -107,8 +112,17 @@ impl Trackers {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()?;
+        let early_client = reqwest::Client::builder()
+            .pool_max_idle_per_host(bay_common::upstream::IDLE_PER_HOST)
+            .pool_idle_timeout(bay_common::upstream::IDLE_TIMEOUT)
+            .connect_timeout(Duration::from_secs(3))
+            .read_timeout(EARLY_READ_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()?;
         Ok(Self {
             pieces_client,
+            early_client,
             failed_at: Mutex::new(vec![None; urls.len()]),
             urls,
             client,
@@ -382,6 +396,81 @@ impl Trackers {
             .send()
             .await
             .map_err(|e| format!("{base}: {e}"))?;
+        let want = format!("bytes {start}-{end}/");
+        let range_ok = resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(&want));
+        if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT || !range_ok {
+            return Err(format!("{base} answered {} for {want}", resp.status()));
+        }
+        Ok(resp)
+    }
+
+    /// The tracker fetching a blob now, and this node's slice of it: the first by rank that
+    /// answers (the one a torrent request went to). None while no tracker is fetching it.
+    pub async fn early_slot(&self, ask: &crate::early::Ask) -> Option<(url::Url, api::EarlySlot)> {
+        for i in self.ranked(&ask.digest) {
+            if self.cooling(i) {
+                continue;
+            }
+            let base = &self.urls[i];
+            if let Ok(slot) = self.early_slot_at(base, ask).await {
+                return Some((base.clone(), slot));
+            }
+        }
+        None
+    }
+
+    /// This node's slice of a blob the tracker at `base` is fetching, or why not.
+    pub async fn early_slot_at(
+        &self,
+        base: &url::Url,
+        ask: &crate::early::Ask,
+    ) -> Result<api::EarlySlot, String> {
+        let url = base
+            .join(&format!(
+                "{}/slot?port={}",
+                ask.path.trim_start_matches('/'),
+                ask.peer_port
+            ))
+            .map_err(|e| e.to_string())?;
+        let mut req = self.client.get(url).timeout(Duration::from_secs(2));
+        if let Some(auth) = &ask.authorization {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        let resp = req.send().await.map_err(|e| format!("{base}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{base} answered {}", resp.status()));
+        }
+        let slot: api::EarlySlot = resp.json().await.map_err(|e| format!("{base}: {e}"))?;
+        let s = &slot.slot;
+        if slot.size == 0 || !(0.0..=1.0).contains(&s.start) || !(s.start..=1.0).contains(&s.end) {
+            return Err(format!("{base} answered a bad slot {slot:?}"));
+        }
+        Ok(slot)
+    }
+
+    /// Bytes `start..=end` of a blob the tracker at `base` is fetching, as they land there.
+    pub async fn early_bytes(
+        &self,
+        base: &url::Url,
+        ask: &crate::early::Ask,
+        start: u64,
+        end: u64,
+    ) -> Result<reqwest::Response, String> {
+        let url = base
+            .join(ask.path.trim_start_matches('/'))
+            .map_err(|e| e.to_string())?;
+        let mut req = self
+            .early_client
+            .get(url)
+            .header(header::RANGE, format!("bytes={start}-{end}"));
+        if let Some(auth) = &ask.authorization {
+            req = req.header(header::AUTHORIZATION, auth.clone());
+        }
+        let resp = req.send().await.map_err(|e| format!("{base}: {e}"))?;
         let want = format!("bytes {start}-{end}/");
         let range_ok = resp
             .headers()

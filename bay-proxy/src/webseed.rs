@@ -518,6 +518,20 @@ impl WebSeed {
         self.stop.cancel();
     }
 
+    /// Offers pieces read before the torrent existed (`crate::early`), as pieces read from a
+    /// tracker: librqbit checks them.
+    pub fn preload(&self, pieces: Vec<(u32, Bytes)>) {
+        let n = self.inner.torrent.piece_count() as u32;
+        for (p, data) in pieces {
+            if p < n {
+                let len = data.len() as u64;
+                self.inner.read.fetch_add(len, Ordering::Relaxed);
+                self.inner.verified.fetch_add(len, Ordering::Relaxed);
+                self.inner.offer(p, data);
+            }
+        }
+    }
+
     pub fn set_plan(&self, plan: Plan) {
         self.inner.planned.store(true, Ordering::Relaxed);
         self.inner.plan.send_if_modified(|p| {

@@ -442,9 +442,18 @@ impl Swarms {
 /// (0, ½, ¼, ¾, ⅛, …), so slices stay balanced however many arrive, and each slice ends where
 /// the next live leecher's begins. Leechers ask again every second (five times a second at
 /// first); those that stop asking free their index.
-#[derive(Default)]
-pub struct Slots {
-    inner: Mutex<HashMap<InfoHash, SlotTable>>,
+/// Keyed by info hash; a blob still being fetched has a table by digest
+/// ([`Slots::adopt`] carries it over once the torrent exists).
+pub struct Slots<K = InfoHash> {
+    inner: Mutex<HashMap<K, SlotTable>>,
+}
+
+impl<K> Default for Slots<K> {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+        }
+    }
 }
 
 /// Slot index and expiry per leecher of one torrent.
@@ -457,13 +466,38 @@ fn corput(i: u32) -> f64 {
     i.reverse_bits() as f64 / (1u64 << 32) as f64
 }
 
-impl Slots {
-    pub fn slot(
-        &self,
-        info_hash: InfoHash,
-        peer: SocketAddr,
-        now: Instant,
-    ) -> Result<Slot, SwarmError> {
+impl<K: std::hash::Hash + Eq> Slots<K> {
+    /// The live leechers of a table and their indices.
+    pub fn leechers(&self, key: &K, now: Instant) -> Vec<(SocketAddr, u32)> {
+        let all = self.inner.lock().expect("slots poisoned");
+        all.get(key).map_or_else(Vec::new, |t| {
+            t.iter()
+                .filter(|(_, (_, exp))| *exp > now)
+                .map(|(a, (i, _))| (*a, *i))
+                .collect()
+        })
+    }
+
+    /// Starts the table of `key` with these leechers and indices, unless it has leechers of its
+    /// own: those who read slices of a blob while it was fetched keep them for its torrent.
+    pub fn adopt(&self, key: K, leechers: &[(SocketAddr, u32)], now: Instant) {
+        if leechers.is_empty() {
+            return;
+        }
+        let mut all = self.inner.lock().expect("slots poisoned");
+        if !all.contains_key(&key) && all.len() >= MAX_SWARMS {
+            return;
+        }
+        let table = all.entry(key).or_default();
+        table.retain(|_, (_, exp)| *exp > now);
+        if table.is_empty() {
+            for (a, i) in leechers.iter().take(MAX_PEERS_PER_SWARM) {
+                table.insert(*a, (*i, now + SLOT_TTL));
+            }
+        }
+    }
+
+    pub fn slot(&self, info_hash: K, peer: SocketAddr, now: Instant) -> Result<Slot, SwarmError> {
         let mut all = self.inner.lock().expect("slots poisoned");
         if !all.contains_key(&info_hash) && all.len() >= MAX_SWARMS {
             return Err(SwarmError::TooManySwarms);
@@ -814,6 +848,30 @@ mod tests {
             (1, 1, 0)
         );
         assert_eq!((e[1].1.complete, e[1].1.incomplete), (0, 0));
+    }
+
+    #[test]
+    fn slots_of_a_fetch_carry_over_to_its_torrent() {
+        let early: Slots<&str> = Slots::default();
+        let now = Instant::now();
+        // Arrival order 3, 1, 2 while the blob is fetched.
+        for p in [3, 1, 2] {
+            early.slot("blob", addr(p), now).unwrap();
+        }
+        let torrent = Slots::default();
+        let ih = InfoHash([2; 20]);
+        torrent.adopt(ih, &early.leechers(&"blob", now), now);
+        // Each keeps the slice it read early, whoever asks first now.
+        for (p, index) in [(1, 1), (2, 2), (3, 0)] {
+            let s = torrent.slot(ih, addr(p), now).unwrap();
+            assert_eq!(s.index, index, "peer {p}");
+            let e = early.slot("blob", addr(p), now).unwrap();
+            assert_eq!((s.start, s.end), (e.start, e.end), "peer {p}");
+        }
+        // A table with leechers of its own is left alone.
+        let other = [(addr(7), 5)];
+        torrent.adopt(ih, &other, now);
+        assert_eq!(torrent.slot(ih, addr(7), now).unwrap().index, 3);
     }
 
     #[test]

@@ -55,6 +55,16 @@ pub enum TrackerError {
     /// fetching; 504 as RFC 9111 answers that request when nothing is stored.
     #[error("this tracker does not hold {0} and was asked not to fetch it (only-if-cached)")]
     NotHeld(String),
+    /// An early read (`/v1/early/…`) of a blob this tracker is not fetching now: it holds it
+    /// already (ask for the torrent), or never started, or the fetch ended.
+    #[error("this tracker is not fetching {0} now")]
+    NotFetching(String),
+    #[error("the fetch of {0} failed; its bytes were not all there")]
+    FetchFailed(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl From<UpstreamError> for TrackerError {
@@ -73,7 +83,10 @@ impl TrackerError {
             TrackerError::BadDigest(_) => ErrorCode::DigestInvalid,
             TrackerError::BadName(_) | TrackerError::BadPath(_) => ErrorCode::NameInvalid,
             TrackerError::BadReference(_) | TrackerError::BadInfoHash(_) => ErrorCode::NameInvalid,
-            TrackerError::UnknownTorrent(_) | TrackerError::NotHeld(_) => ErrorCode::BlobUnknown,
+            TrackerError::UnknownTorrent(_)
+            | TrackerError::NotHeld(_)
+            | TrackerError::NotFetching(_) => ErrorCode::BlobUnknown,
+            TrackerError::BadRequest(_) => ErrorCode::NameInvalid,
             TrackerError::BadRange(..) => ErrorCode::RangeInvalid,
             TrackerError::UnknownPreheat(_) => ErrorCode::NameUnknown,
             TrackerError::TooManyPreheats(_) => ErrorCode::Toomanyrequests,
@@ -84,6 +97,8 @@ impl TrackerError {
             | TrackerError::DigestMismatch { .. }
             | TrackerError::SizeMismatch { .. }
             | TrackerError::Io(_)
+            | TrackerError::FetchFailed(_)
+            | TrackerError::Busy(_)
             | TrackerError::Seed(_) => ErrorCode::Unavailable,
         }
     }
@@ -93,7 +108,8 @@ impl TrackerError {
             // Upstream trouble is a bad gateway, not our unavailability.
             TrackerError::Upstream(_)
             | TrackerError::DigestMismatch { .. }
-            | TrackerError::SizeMismatch { .. } => StatusCode::BAD_GATEWAY,
+            | TrackerError::SizeMismatch { .. }
+            | TrackerError::FetchFailed(_) => StatusCode::BAD_GATEWAY,
             TrackerError::Manifest(_) => StatusCode::BAD_GATEWAY,
             TrackerError::Timeout(_) | TrackerError::NotHeld(_) => StatusCode::GATEWAY_TIMEOUT,
             TrackerError::Io(_) | TrackerError::Seed(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -7,6 +7,7 @@
 //! The flight runs as its own task: a caller that hangs up does not cancel it for the others.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 
@@ -17,6 +18,7 @@ use bay_common::{Digest, Registry, RepositoryName, Verifier};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::error::TrackerError;
@@ -28,6 +30,61 @@ use bay_common::store::Store;
 
 type FlightResult = Result<Arc<BlobTorrent>, Arc<TrackerError>>;
 type Flight = Shared<BoxFuture<'static, FlightResult>>;
+
+/// Bytes of a fetch that are on disk, flushed, for [`Fetching`]'s readers, at least this often.
+const PUBLISH_EVERY: u64 = 256 * 1024;
+
+/// How far a fetch from upstream has got, for those reading the blob before it is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// This many bytes from the start are in the file.
+    Written(u64),
+    /// Every byte is in the file and the digest matched.
+    Verified,
+    /// The fetch failed: what was read may be wrong.
+    Failed,
+}
+
+/// A blob being fetched from upstream (with a known length): where its bytes land and how far
+/// they got. Proxies read their slices from it before the torrent exists (`crate::pieces`).
+pub struct Fetching {
+    pub path: PathBuf,
+    pub size: u64,
+    pub progress: watch::Receiver<Progress>,
+}
+
+/// Registers a fetch in [`Blobs::fetching`] for as long as it lives; a fetch dropped before it
+/// was verified tells its readers it failed.
+struct FetchingGuard<'a> {
+    blobs: &'a Blobs,
+    digest: Digest,
+    progress: watch::Sender<Progress>,
+    published: u64,
+}
+
+impl FetchingGuard<'_> {
+    fn written(&mut self, bytes: u64) {
+        self.published = bytes;
+        self.progress.send_replace(Progress::Written(bytes));
+    }
+}
+
+impl Drop for FetchingGuard<'_> {
+    fn drop(&mut self) {
+        self.progress.send_if_modified(|p| {
+            let failed = *p != Progress::Verified;
+            if failed {
+                *p = Progress::Failed;
+            }
+            failed
+        });
+        self.blobs
+            .fetching
+            .lock()
+            .expect("fetching poisoned")
+            .remove(&self.digest);
+    }
+}
 
 /// Where a flight may get the blob from if it is not on disk.
 #[derive(Clone)]
@@ -45,6 +102,7 @@ pub struct Blobs {
     pub metrics: Arc<Metrics>,
     limits: UpstreamLimits,
     flights: Mutex<HashMap<Digest, Flight>>,
+    fetching: Mutex<HashMap<Digest, Arc<Fetching>>>,
 }
 
 impl Blobs {
@@ -63,15 +121,25 @@ impl Blobs {
             metrics,
             limits,
             flights: Mutex::default(),
+            fetching: Mutex::default(),
         }
     }
 
-    /// The torrent of a blob for a caller, after upstream agreed the caller may read it.
-    pub async fn torrent_for(
-        self: &Arc<Self>,
-        source: Source,
+    /// The blob's fetch from upstream, while one is running and its length is known.
+    pub fn fetching(&self, digest: &Digest) -> Option<Arc<Fetching>> {
+        self.fetching
+            .lock()
+            .expect("fetching poisoned")
+            .get(digest)
+            .cloned()
+    }
+
+    /// Whether upstream lets the caller read the blob (cached, as for torrents).
+    pub async fn check_access(
+        &self,
+        source: &Source,
         digest: &Digest,
-    ) -> Result<Arc<BlobTorrent>, Arc<TrackerError>> {
+    ) -> Result<(), Arc<TrackerError>> {
         self.access
             .check(
                 &self.upstream,
@@ -81,7 +149,17 @@ impl Blobs {
                 &source.creds,
             )
             .await
-            .map_err(|e| Arc::new(e.into()))?;
+            .map(drop)
+            .map_err(|e| Arc::new(e.into()))
+    }
+
+    /// The torrent of a blob for a caller, after upstream agreed the caller may read it.
+    pub async fn torrent_for(
+        self: &Arc<Self>,
+        source: Source,
+        digest: &Digest,
+    ) -> Result<Arc<BlobTorrent>, Arc<TrackerError>> {
+        self.check_access(&source, digest).await?;
         if let Some(t) = self.store.get(digest) {
             return Ok(t);
         }
@@ -97,16 +175,7 @@ impl Blobs {
         source: Source,
         digest: &Digest,
     ) -> Result<Arc<BlobTorrent>, Arc<TrackerError>> {
-        self.access
-            .check(
-                &self.upstream,
-                &source.registry,
-                &source.name,
-                digest,
-                &source.creds,
-            )
-            .await
-            .map_err(|e| Arc::new(e.into()))?;
+        self.check_access(&source, digest).await?;
         if let Some(t) = self.store.get(digest) {
             return Ok(t);
         }
@@ -247,6 +316,26 @@ impl Blobs {
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let announced = resp.content_length();
+            let mut early = match announced {
+                Some(size) if size > 0 => {
+                    let (tx, rx) = watch::channel(Progress::Written(0));
+                    self.fetching.lock().expect("fetching poisoned").insert(
+                        digest.clone(),
+                        Arc::new(Fetching {
+                            path: tmp.clone(),
+                            size,
+                            progress: rx,
+                        }),
+                    );
+                    Some(FetchingGuard {
+                        blobs: self,
+                        digest: digest.clone(),
+                        progress: tx,
+                        published: 0,
+                    })
+                }
+                _ => None,
+            };
             let mut verifier = Verifier::new(digest.algorithm());
             let mut builder = match announced {
                 Some(0) => return Err(TrackerError::Empty(digest.to_string())),
@@ -269,6 +358,14 @@ impl Blobs {
                     b.update(&chunk);
                 }
                 file.write_all(&chunk).await?;
+                if let Some(e) = early.as_mut()
+                    && received - e.published >= PUBLISH_EVERY
+                {
+                    // Written means readable from another handle: the last write may still
+                    // be on the blocking pool.
+                    file.flush().await?;
+                    e.written(received);
+                }
             }
             let got_size = verifier.bytes_hashed();
             let got = verifier.finish();
@@ -286,6 +383,10 @@ impl Blobs {
                     expected,
                     got: got_size,
                 });
+            }
+            file.flush().await?;
+            if let Some(e) = early.as_mut() {
+                e.progress.send_replace(Progress::Verified);
             }
             file.sync_all().await?;
             drop(file);

@@ -67,6 +67,7 @@ pub async fn run(
         ready: Default::default(),
         preheat: preheats.clone(),
         pieces,
+        early_slots: announce::Slots::default(),
     });
     tracing::info!(
         http = %listener.local_addr()?,
@@ -146,6 +147,7 @@ async fn expire_peers(state: Arc<routes::AppState>, stop: tokio_util::sync::Canc
             _ = tick.tick() => {
                 state.swarms.expire(Instant::now());
                 state.slots.expire(Instant::now());
+                state.early_slots.expire(Instant::now());
             }
         }
     }

@@ -41,6 +41,8 @@ pub struct Metrics {
     seed_uploaded: Counter,
     /// Blob bytes proxies' web seeds read over HTTP.
     pub piece_bytes: Counter,
+    /// The part of `piece_bytes` read while the blob was still being fetched.
+    pub early_bytes: Counter,
     /// Held blobs dropped because a piece read for a proxy no longer matched the torrent.
     pub damaged_blobs: Counter,
     pub ledger: Ledger,
@@ -79,6 +81,7 @@ impl Default for Metrics {
         let evictions = Counter::default();
         let seed_uploaded = Counter::default();
         let piece_bytes = Counter::default();
+        let early_bytes = Counter::default();
         let damaged_blobs = Counter::default();
         registry.register(
             "bay_upstream_fetches",
@@ -142,6 +145,11 @@ impl Default for Metrics {
             piece_bytes.clone(),
         );
         registry.register(
+            "bay_early_bytes_served",
+            "The part of bay_piece_bytes_served that proxies read while the blob was still being fetched from upstream (GET /v1/early/...)",
+            early_bytes.clone(),
+        );
+        registry.register(
             "bay_damaged_blobs",
             "Held blobs dropped because a piece read from disk no longer matched the torrent",
             damaged_blobs.clone(),
@@ -162,6 +170,7 @@ impl Default for Metrics {
             evictions,
             seed_uploaded,
             piece_bytes,
+            early_bytes,
             damaged_blobs,
             ledger: Ledger::default(),
             handed_out: Mutex::default(),

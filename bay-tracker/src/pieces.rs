@@ -1,5 +1,6 @@
 //! Held blobs' bytes by info hash over HTTP: what proxies' web seeds fetch their pieces from
-//! (`bay-proxy/src/webseed.rs`).
+//! (`bay-proxy/src/webseed.rs`); and the bytes of a blob still being fetched from upstream,
+//! which proxies waiting for its torrent read their slices of ([`Pieces::early`]).
 //!
 //! Proxies could take every piece from the tracker's BitTorrent seed, but librqbit asks a seed
 //! for whatever comes next in its own order, so N nodes that start together had the seed send
@@ -22,15 +23,17 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
+use bay_common::Digest;
 use bay_common::announce::InfoHash;
 use bay_common::pool::{Pool, Pooled};
 use bay_common::range::ByteRange;
 use bay_common::torrent::BlobTorrent;
 use bytes::Bytes;
 use futures::StreamExt as _;
+use tokio::sync::watch;
 
 use crate::error::TrackerError;
-use crate::fetch::Blobs;
+use crate::fetch::{Blobs, Fetching, Progress};
 use crate::limit::Rate;
 use crate::metrics::Metrics;
 
@@ -115,6 +118,72 @@ impl Pieces {
                 }
             }
         });
+        Ok(self.respond(blocks, status, r, size, false))
+    }
+
+    /// Answers `GET /v1/early/<registry>/<name>/blobs/<digest>` (checked by the caller): bytes of
+    /// a blob still being fetched from upstream, each sent as soon as it is in the file. They
+    /// are not verified yet: a proxy only uses them once the torrent exists, checking each
+    /// piece against it. A fetch that fails cuts the response off.
+    pub fn early(
+        self: &Arc<Self>,
+        digest: &Digest,
+        fetching: Arc<Fetching>,
+        range: Option<&str>,
+    ) -> Result<Response, TrackerError> {
+        let size = fetching.size;
+        let (status, r) = match range {
+            Some(h) => {
+                let r = ByteRange::parse(h, size)
+                    .map_err(|_| TrackerError::BadRange(h.chars().take(64).collect(), size))?;
+                (StatusCode::PARTIAL_CONTENT, r)
+            }
+            None => (
+                StatusCode::OK,
+                ByteRange {
+                    start: 0,
+                    end: size - 1,
+                },
+            ),
+        };
+        let file = match std::fs::File::open(&fetching.path) {
+            Ok(f) => f,
+            // Renamed into the store or removed: the fetch has just ended.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(TrackerError::NotFetching(digest.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let reader = EarlyReader {
+            file: Arc::new(file),
+            progress: fetching.progress.clone(),
+            digest: digest.clone(),
+            size,
+            next: r.start,
+            end: r.end + 1,
+            pool: self.pool.clone(),
+        };
+        let blocks = futures::stream::unfold(Some(reader), |reader| async move {
+            let mut reader = reader?;
+            match reader.next_block().await {
+                Ok(Some(block)) => Some((Ok(block), Some(reader))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        Ok(self.respond(blocks, status, r, size, true))
+    }
+
+    /// The response for `blocks` of bytes `r` of a blob of `size`, paced by `--upload-limit`
+    /// and counted.
+    fn respond(
+        self: &Arc<Self>,
+        blocks: impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+        status: StatusCode,
+        r: ByteRange,
+        size: u64,
+        early: bool,
+    ) -> Response {
         let this = self.clone();
         let body = blocks
             .map(move |block| {
@@ -136,6 +205,9 @@ impl Pieces {
                 if let Ok(c) = &chunk {
                     this.rate.take(c.len()).await;
                     this.metrics.piece_bytes.inc_by(c.len() as u64);
+                    if early {
+                        this.metrics.early_bytes.inc_by(c.len() as u64);
+                    }
                 }
                 chunk
             }
@@ -154,7 +226,59 @@ impl Pieces {
                 HeaderValue::from_str(&r.content_range(size)).expect("ascii"),
             );
         }
-        Ok(resp)
+        resp
+    }
+}
+
+/// Reads a byte range of a blob being fetched, each block once the fetch has written it.
+struct EarlyReader {
+    file: Arc<std::fs::File>,
+    progress: watch::Receiver<Progress>,
+    digest: Digest,
+    size: u64,
+    next: u64,
+    end: u64,
+    pool: Arc<Pool>,
+}
+
+impl EarlyReader {
+    async fn next_block(&mut self) -> std::io::Result<Option<Bytes>> {
+        if self.next >= self.end {
+            return Ok(None);
+        }
+        let failed = || {
+            std::io::Error::other(TrackerError::FetchFailed(self.digest.to_string()).to_string())
+        };
+        let written = loop {
+            let written = match *self.progress.borrow_and_update() {
+                Progress::Written(n) => n,
+                Progress::Verified => self.size,
+                Progress::Failed => return Err(failed()),
+            };
+            if written > self.next {
+                break written;
+            }
+            if self.progress.changed().await.is_err() {
+                // The fetch is gone; its last word says how it ended.
+                if *self.progress.borrow() != Progress::Verified {
+                    return Err(failed());
+                }
+            }
+        };
+        let to = written.min(self.end).min(self.next + READ);
+        let at = self.next;
+        let buf = self.pool.take((to - at) as usize);
+        let file = self.file.clone();
+        let block = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
+            use std::os::unix::fs::FileExt;
+            let mut buf = buf;
+            file.read_exact_at(buf.as_mut(), at)?;
+            Ok(buf.into_bytes())
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        self.next = to;
+        Ok(Some(block))
     }
 }
 
@@ -287,7 +411,7 @@ fn read_pieces(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bay_common::Digest;
+    use std::time::Duration;
 
     const PIECE: usize = 256 * 1024;
 
@@ -387,5 +511,57 @@ mod tests {
         let (got, err) = read_all(r).await;
         assert_eq!(err.unwrap().kind(), std::io::ErrorKind::InvalidData);
         assert_eq!(got.len(), 3 * PIECE);
+    }
+
+    /// An early read sends only what the fetch has written, waits for the rest, and is cut
+    /// off when the fetch fails.
+    #[tokio::test]
+    async fn early_reads_follow_the_fetch_and_stop_at_its_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = blob();
+        let path = dir.path().join("fetching");
+        std::fs::write(&path, &data[..PIECE]).unwrap();
+        let (tx, rx) = watch::channel(Progress::Written(PIECE as u64 / 2));
+        let size = data.len() as u64;
+        let mut r = EarlyReader {
+            file: Arc::new(std::fs::File::open(&path).unwrap()),
+            progress: rx,
+            digest: Digest::sha256_of(&data),
+            size,
+            next: 10,
+            end: size,
+            pool: Pool::new(1 << 20),
+        };
+        let first = r.next_block().await.unwrap().unwrap();
+        assert!(first == data[10..PIECE / 2], "only the written part");
+        // Nothing more until the fetch writes more.
+        let waiting = tokio::time::timeout(Duration::from_millis(200), r.next_block()).await;
+        assert!(waiting.is_err(), "a block came before it was written");
+        std::fs::write(&path, &data).unwrap();
+        tx.send_replace(Progress::Written(2 * PIECE as u64));
+        let second = r.next_block().await.unwrap().unwrap();
+        assert!(second == data[PIECE / 2..2 * PIECE]);
+        tx.send_replace(Progress::Failed);
+        let err = r.next_block().await.unwrap_err();
+        assert!(err.to_string().contains("failed"), "{err}");
+
+        // A verified fetch has every byte, whatever was published last.
+        let (tx, rx) = watch::channel(Progress::Written(0));
+        let mut r = EarlyReader {
+            file: Arc::new(std::fs::File::open(&path).unwrap()),
+            progress: rx,
+            digest: Digest::sha256_of(&data),
+            size,
+            next: 2 * PIECE as u64,
+            end: size,
+            pool: Pool::new(1 << 20),
+        };
+        tx.send_replace(Progress::Verified);
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(b) = r.next_block().await.unwrap() {
+            got.extend_from_slice(&b);
+        }
+        assert!(got == data[2 * PIECE..]);
     }
 }

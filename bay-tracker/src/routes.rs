@@ -34,6 +34,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     pub preheat: Arc<crate::preheat::Preheats>,
     pub pieces: Arc<crate::pieces::Pieces>,
+    /// Slices of blobs still being fetched, by digest.
+    pub early_slots: crate::announce::Slots<Digest>,
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
@@ -43,6 +45,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/scrape", get(scrape))
         .route("/v1/slots/{info_hash}", get(slot))
         .route("/v1/pieces/{info_hash}", get(pieces))
+        .route("/v1/early/{*path}", get(early))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -82,20 +85,9 @@ async fn torrent_inner(
     headers: &HeaderMap,
     conn: bay_common::serve::Conn,
 ) -> Result<Response, ErrorResponse> {
-    let (registry, name, digest) = split_torrent_path(path)?;
-    let digest: Digest = digest.parse().map_err(TrackerError::from)?;
-    let name: RepositoryName = name.parse().map_err(TrackerError::from)?;
-    let registry = state
-        .config
-        .upstream(registry)
-        .ok_or_else(|| TrackerError::NotAllowed(registry.chars().take(256).collect()))?
-        .clone();
-    let span = tracing::info_span!("torrent", digest = %digest, repo = %name, registry = %registry);
-    let source = Source {
-        registry,
-        name,
-        creds: Credentials::from_client(headers.get(header::AUTHORIZATION)),
-    };
+    let (digest, source) = source_of(state, path, headers)?;
+    let span = tracing::info_span!("torrent", digest = %digest, repo = %source.name,
+        registry = %source.registry);
     let image = format!("{}/{}", source.registry.authority(), source.name);
     let result = if only_if_cached(headers) {
         state
@@ -149,6 +141,89 @@ async fn torrent_inner(
         body,
     )
         .into_response())
+}
+
+/// The blob and where it comes from, for `<registry>/<name>/blobs/<digest>` and the caller's
+/// credentials; only configured upstreams.
+fn source_of(
+    state: &AppState,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<(Digest, Source), TrackerError> {
+    let (registry, name, digest) = split_torrent_path(path)?;
+    let digest: Digest = digest.parse()?;
+    let name: RepositoryName = name.parse()?;
+    let registry = state
+        .config
+        .upstream(registry)
+        .ok_or_else(|| TrackerError::NotAllowed(registry.chars().take(256).collect()))?
+        .clone();
+    let source = Source {
+        registry,
+        name,
+        creds: Credentials::from_client(headers.get(header::AUTHORIZATION)),
+    };
+    Ok((digest, source))
+}
+
+#[derive(serde::Deserialize)]
+struct EarlyQuery {
+    port: Option<u16>,
+}
+
+/// `GET /v1/early/<registry>/<name>/blobs/<digest>[/slot]` (`bay_common::api::early_path`).
+async fn early(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(conn): ConnectInfo<bay_common::serve::Conn>,
+    Path(path): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<EarlyQuery>,
+    headers: HeaderMap,
+) -> Response {
+    match early_inner(&state, &path, q.port, &headers, conn).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn early_inner(
+    state: &Arc<AppState>,
+    path: &str,
+    port: Option<u16>,
+    headers: &HeaderMap,
+    conn: bay_common::serve::Conn,
+) -> Result<Response, ErrorResponse> {
+    let (path, slot) = match path.strip_suffix("/slot") {
+        Some(p) => (p, true),
+        None => (path, false),
+    };
+    let (digest, source) = source_of(state, path, headers)?;
+    let span = tracing::debug_span!("early", digest = %digest, repo = %source.name);
+    state
+        .blobs
+        .check_access(&source, &digest)
+        .instrument(span)
+        .await
+        .map_err(ErrorResponse::Shared)?;
+    let fetching = state
+        .blobs
+        .fetching(&digest)
+        .ok_or_else(|| TrackerError::NotFetching(digest.to_string()))?;
+    if !slot {
+        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        return Ok(state.pieces.early(&digest, fetching, range)?);
+    }
+    let port = port
+        .filter(|p| *p != 0)
+        .ok_or_else(|| TrackerError::BadRequest("?port=1-65535 is required".into()))?;
+    let slot = state
+        .early_slots
+        .slot(digest, peer_addr(conn.remote, port), Instant::now())
+        .map_err(|e| TrackerError::Busy(e.to_string()))?;
+    Ok(axum::Json(bay_common::api::EarlySlot {
+        slot,
+        size: fetching.size,
+    })
+    .into_response())
 }
 
 /// Whether the caller asked for a held blob only (`Cache-Control: only-if-cached`).
@@ -290,6 +365,10 @@ async fn slot(
         );
     }
     let now = Instant::now();
+    if let Some(t) = state.blobs.store.by_info_hash(&ih) {
+        let early = state.early_slots.leechers(t.digest(), now);
+        state.slots.adopt(ih, &early, now);
+    }
     match state.slots.slot(ih, peer_addr(conn.remote, q.port), now) {
         Ok(mut s) => {
             s.seeds = state.swarms.seeds(&ih, now);
@@ -332,6 +411,7 @@ async fn stats(State(state): State<Arc<AppState>>) -> Response {
         peers,
         seed_uploaded_bytes: state.blobs.seeder.uploaded_bytes() + m.piece_bytes.get(),
         piece_bytes_served: m.piece_bytes.get(),
+        early_bytes_served: m.early_bytes.get(),
         savings: m.ledger.report(),
     })
     .into_response()
