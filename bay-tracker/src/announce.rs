@@ -59,6 +59,8 @@ struct Peer {
     left: u64,
     downloaded: u64,
     expires: Instant,
+    /// Its first announce in this swarm (kept across its later ones).
+    joined: Instant,
 }
 
 impl Peer {
@@ -105,6 +107,12 @@ impl PeerTable {
 
     fn contains(&self, addr: &SocketAddr) -> bool {
         self.at.contains_key(addr)
+    }
+
+    fn get(&self, addr: &SocketAddr) -> Option<&Peer> {
+        let (seed, i) = *self.at.get(addr)?;
+        let pool = if seed { &self.seeds } else { &self.leechers };
+        pool.get(i).map(|(_, p)| p)
     }
 
     fn peers_at(&self, ip: &IpAddr) -> usize {
@@ -210,6 +218,8 @@ impl PeerTable {
 
 pub struct Swarms {
     inner: Mutex<Tables>,
+    /// Woken whenever a leecher's announce shows its first pieces.
+    got_pieces: tokio::sync::Notify,
 }
 
 struct Tables {
@@ -226,6 +236,7 @@ impl Default for Swarms {
                 made: HashMap::new(),
                 foreign: LruCache::new(NonZeroUsize::new(MAX_FOREIGN_SWARMS).expect("not 0")),
             }),
+            got_pieces: tokio::sync::Notify::new(),
         }
     }
 }
@@ -306,8 +317,14 @@ impl Swarms {
                 left,
                 downloaded: req.downloaded,
                 expires: now + interval * MISSED_INTERVALS + EXPIRY_SLACK,
+                joined: swarm.peers.get(&peer).map_or(now, |p| p.joined),
             };
-            let was_seed = swarm.peers.insert(peer, me).is_some_and(|p| p.is_seed());
+            let has_pieces = me.has_pieces();
+            let old = swarm.peers.insert(peer, me);
+            let was_seed = old.as_ref().is_some_and(|p| p.is_seed());
+            if has_pieces && !old.is_some_and(|p| p.has_pieces()) {
+                self.got_pieces.notify_waiters();
+            }
             if left == 0 && !was_seed && req.event != Some(Event::Started) {
                 swarm.completed += 1;
             }
@@ -330,9 +347,12 @@ impl Swarms {
         // Two bay-proxies that are handed each other both connect, and librqbit keeps both
         // connections (it keys incoming peers by their source port): every uploader then
         // serves each leecher twice over, pieces crawl, and librqbit re-fetches the slow ones
-        // elsewhere (`bench/RESULTS.md`). So of two bay leechers, only the one with the lower
-        // address is handed the other, and connects; the other takes the incoming connection.
+        // elsewhere (`bench/RESULTS.md`). So of two bay leechers only the one that joined the
+        // swarm later is handed the other, and connects; the other takes the incoming
+        // connection. (By address instead, a leecher that announced first met the ones with
+        // higher addresses only at its next announce, a second later.)
         let bay = req.peer_id.is_bay();
+        let me_key = (swarm.peers.get(&peer).map_or(now, |p| p.joined), peer);
         let mut rng = rand::rng();
         let mut sample = swarm.peers.sample(
             room,
@@ -342,7 +362,7 @@ impl Swarms {
                     && Some(*addr) != own
                     && p.expires > now
                     && (p.is_seed() || p.has_pieces())
-                    && (p.is_seed() || !bay || !p.peer_id.is_bay() || *addr > peer)
+                    && (p.is_seed() || !bay || !p.peer_id.is_bay() || (p.joined, *addr) < me_key)
             },
             &mut rng,
         );
@@ -363,6 +383,37 @@ impl Swarms {
             incomplete,
             peers,
         })
+    }
+
+    /// What `peer` last announced it has downloaded and has left of a torrent.
+    pub fn progress_of(&self, info_hash: &InfoHash, peer: &SocketAddr) -> Option<(u64, u64)> {
+        let tables = self.inner.lock().expect("swarms poisoned");
+        let p = tables.get(info_hash)?.peers.get(peer)?;
+        Some((p.downloaded, p.left))
+    }
+
+    /// Resolves once `peer` has announced pieces of the torrent, or after `patience`: whether
+    /// it has.
+    pub async fn wait_for_pieces(
+        &self,
+        info_hash: &InfoHash,
+        peer: &SocketAddr,
+        patience: Duration,
+    ) -> bool {
+        let has = || {
+            self.progress_of(info_hash, peer)
+                .is_some_and(|(downloaded, left)| downloaded > 0 || left == 0)
+        };
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let woken = self.got_pieces.notified();
+            if has() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return has();
+            }
+        }
     }
 
     /// Live seeds of a torrent (peers that announced they hold it all).
@@ -603,43 +654,68 @@ mod tests {
     }
 
     #[test]
-    fn of_two_bay_leechers_only_the_lower_address_is_handed_the_other() {
+    fn of_two_bay_leechers_only_the_later_one_is_handed_the_other() {
         let s = Swarms::default();
-        let now = Instant::now();
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
         let bay = |port: u16, left, downloaded| {
             let mut r = req(port, left, downloaded);
             r.peer_id = PeerId(*b"-BY0100-abcdefghijkl");
             r
         };
-        for p in [10, 11, 12] {
-            s.announce(&bay(p, 50, 50), addr(p), None, true, now)
+        // They join in the order 12, 10, 11.
+        for (i, p) in [12, 10, 11].into_iter().enumerate() {
+            s.announce(&bay(p, 50, 50), addr(p), None, true, ms(i as u64))
                 .unwrap();
         }
-        s.announce(&bay(20, 0, 100), addr(20), None, true, now)
+        s.announce(&bay(20, 0, 100), addr(20), None, true, ms(5))
             .unwrap();
         let handed = |r: AnnounceResponse| {
             let mut p = r.peers;
             p.sort();
             p
         };
-        let low = s
-            .announce(&bay(10, 50, 50), addr(10), None, true, now)
+        // The last to join connects to those before it, at once.
+        let last = s
+            .announce(&bay(11, 50, 50), addr(11), None, true, ms(10))
             .unwrap();
-        assert_eq!(handed(low), vec![addr(11), addr(12), addr(20)]);
-        // The highest bay leecher connects to nobody but the seed: the others connect to it.
-        let high = s
-            .announce(&bay(12, 50, 50), addr(12), None, true, now)
+        assert_eq!(handed(last), vec![addr(10), addr(12), addr(20)]);
+        // The first connects to nobody but the seed, however often it asks: the others
+        // connect to it.
+        let first = s
+            .announce(&bay(12, 50, 50), addr(12), None, true, ms(1500))
             .unwrap();
-        assert_eq!(handed(high), vec![addr(20)]);
+        assert_eq!(handed(first), vec![addr(20)]);
+        let middle = s
+            .announce(&bay(10, 50, 50), addr(10), None, true, ms(1500))
+            .unwrap();
+        assert_eq!(handed(middle), vec![addr(12), addr(20)]);
         // Other clients are handed everyone, and are handed to everyone.
         let other = s
-            .announce(&req(15, 50, 50), addr(15), None, true, now)
+            .announce(&req(15, 50, 50), addr(15), None, true, ms(1600))
             .unwrap();
         assert_eq!(handed(other), vec![addr(10), addr(11), addr(12), addr(20)]);
-        let high = s
-            .announce(&bay(12, 50, 50), addr(12), None, true, now)
+        let first = s
+            .announce(&bay(12, 50, 50), addr(12), None, true, ms(1700))
             .unwrap();
-        assert_eq!(handed(high), vec![addr(15), addr(20)]);
+        assert_eq!(handed(first), vec![addr(15), addr(20)]);
+        // Two that join at the same instant: the higher address connects to the lower.
+        for p in [31, 30] {
+            s.announce(&bay(p, 50, 50), addr(p), None, true, ms(2000))
+                .unwrap();
+        }
+        let high = handed(
+            s.announce(&bay(31, 50, 50), addr(31), None, true, ms(2001))
+                .unwrap(),
+        );
+        let low = handed(
+            s.announce(&bay(30, 50, 50), addr(30), None, true, ms(2001))
+                .unwrap(),
+        );
+        assert!(
+            high.contains(&addr(30)) && !low.contains(&addr(31)),
+            "{high:?} {low:?}"
+        );
     }
 
     #[test]
@@ -722,6 +798,7 @@ mod tests {
                         left: rng.random_range(0..3),
                         downloaded: 0,
                         expires: now + Duration::from_secs(rng.random_range(0..100)),
+                        joined: now,
                     };
                     assert_eq!(
                         table.insert(a, p.clone()).map(|p| p.left),
@@ -848,6 +925,47 @@ mod tests {
             (1, 1, 0)
         );
         assert_eq!((e[1].1.complete, e[1].1.incomplete), (0, 0));
+    }
+
+    /// A first announce without pieces waits for the peer's next one with pieces, and no
+    /// longer than it is told.
+    #[tokio::test]
+    async fn a_first_announce_can_wait_for_the_first_pieces() {
+        let s = std::sync::Arc::new(Swarms::default());
+        let now = Instant::now();
+        let ih = InfoHash([7; 20]);
+        s.announce(&req(1, 100, 0), addr(1), None, true, now)
+            .unwrap();
+        let waited = Instant::now();
+        assert!(
+            !s.wait_for_pieces(&ih, &addr(1), Duration::from_millis(300))
+                .await
+        );
+        assert!(waited.elapsed() >= Duration::from_millis(300));
+        let later = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Another peer's pieces do not count; this one's do.
+                s.announce(&req(2, 50, 50), addr(2), None, true, Instant::now())
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                s.announce(&req(1, 90, 10), addr(1), None, true, Instant::now())
+                    .unwrap();
+            })
+        };
+        let waited = Instant::now();
+        assert!(
+            s.wait_for_pieces(&ih, &addr(1), Duration::from_secs(10))
+                .await
+        );
+        let took = waited.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        later.await.unwrap();
+        assert_eq!(s.progress_of(&ih, &addr(1)), Some((10, 90)));
     }
 
     #[test]

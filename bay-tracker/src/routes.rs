@@ -311,14 +311,45 @@ async fn announce(
     let made = state.blobs.store.holds(&req.info_hash);
     let own_seed = (made && !req.peer_id.is_bay()).then(|| own_seed(&state, conn.local));
     let peer = peer_addr(conn.remote, req.port);
-    match state
+    let mut answer = state
         .swarms
-        .announce(&req, peer, own_seed, made, Instant::now())
+        .announce(&req, peer, own_seed, made, Instant::now());
+    // A bay leecher's first announce comes as its download starts, before it has a piece, and
+    // is handed seeds only (leechers without pieces would never tell each other what they
+    // get); it would meet the other leechers at its next announce, a second later. Its proxy
+    // announces its first pieces within milliseconds of having them: the answer waits for
+    // that, and then hands it the leechers as well.
+    let first = req.peer_id.is_bay()
+        && made
+        && req.event == Some(announce::Event::Started)
+        && req.downloaded == 0
+        && req.left > 0;
+    if first
+        && answer.is_ok()
+        && state
+            .swarms
+            .wait_for_pieces(&req.info_hash, &peer, FIRST_PIECES_WAIT)
+            .await
+        && let Some((downloaded, left)) = state.swarms.progress_of(&req.info_hash, &peer)
     {
+        let now = AnnounceRequest {
+            event: None,
+            downloaded,
+            left,
+            ..req.clone()
+        };
+        answer = state
+            .swarms
+            .announce(&now, peer, own_seed, made, Instant::now());
+    }
+    match answer {
         Ok(resp) => bencoded(resp.encode(req.compact)),
         Err(e) => bencoded(announce::failure(&e.to_string())),
     }
 }
+
+/// Longest a bay leecher's first announce waits for its first pieces (see [`announce`]).
+const FIRST_PIECES_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn scrape(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
     state.metrics.scrapes.inc();
