@@ -166,6 +166,7 @@ pub struct Blobs {
     /// Slices read while trackers fetch the blobs, until their torrents come.
     early: Mutex<HashMap<Digest, Early>>,
     early_budget: Arc<early::Budget>,
+    early_reads: bool,
 }
 
 impl Blobs {
@@ -195,7 +196,14 @@ impl Blobs {
             pool: Pool::new(landing::POOL_BYTES),
             early: Mutex::default(),
             early_budget: Arc::default(),
+            early_reads: true,
         }
+    }
+
+    /// Whether blobs are read while trackers fetch them (`--early-reads`).
+    pub fn early_reads(mut self, on: bool) -> Self {
+        self.early_reads = on;
+        self
     }
 
     /// Answers `GET /v2/<name>/blobs/<digest>`.
@@ -532,7 +540,7 @@ impl Blobs {
     /// of it runs already (`crate::early`).
     fn read_early(&self, req: &BlobRequest) {
         let mut early = self.early.lock().expect("poisoned");
-        if early.contains_key(&req.digest) {
+        if !self.early_reads || early.contains_key(&req.digest) {
             return;
         }
         let ask = early::Ask {
@@ -544,7 +552,12 @@ impl Blobs {
         };
         early.insert(
             req.digest.clone(),
-            Early::start(ask, self.early_budget.clone(), self.stop.child_token()),
+            Early::start(
+                ask,
+                self.early_budget.clone(),
+                self.pool.clone(),
+                self.stop.child_token(),
+            ),
         );
     }
 

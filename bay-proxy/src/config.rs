@@ -85,6 +85,12 @@ pub struct Config {
     #[arg(long, env = "BAY_PREFETCH", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefetch: bool,
 
+    /// While a tracker is still fetching a blob from upstream (a cold pull), read this node's
+    /// slice of it as the bytes land there, so the nodes hold the blob between them when its
+    /// torrent exists (docs/swarming.md). `false` waits for the torrent, as before 2026-12.
+    #[arg(long, env = "BAY_EARLY_READS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub early_reads: bool,
+
     /// Log lines as `text`, or `json` (one object per line, every field of an event and its
     /// spans as a field) for log shippers. Text is coloured only on a terminal, never when
     /// NO_COLOR is set. The level filter is RUST_LOG (default info).
@@ -170,6 +176,8 @@ mod tests {
         assert!(Config::default().prefetch);
         assert!(!Config::parse_from(["bay-proxy", "--prefetch", "false"]).prefetch);
         assert!(Config::try_parse_from(["bay-proxy", "--prefetch", "maybe"]).is_err());
+        assert!(Config::default().early_reads);
+        assert!(!Config::parse_from(["bay-proxy", "--early-reads", "false"]).early_reads);
         assert_eq!(Config::default().request_window, 16);
         assert_eq!(Config::default().peer_limit, 128);
         let c = Config::parse_from(["bay-proxy", "--request-window", "4", "--peer-limit", "8"]);

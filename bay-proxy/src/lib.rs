@@ -60,15 +60,18 @@ pub async fn run(
         config.upstream_timeout,
     ))?);
     let stop = CancellationToken::new();
-    let blobs = Arc::new(blob::Blobs::new(
-        store.clone(),
-        swarm.clone(),
-        trackers.clone(),
-        upstream,
-        config.stall_timeout(),
-        landing::Writer::start().context("starting the writer thread")?,
-        stop.clone(),
-    ));
+    let blobs = Arc::new(
+        blob::Blobs::new(
+            store.clone(),
+            swarm.clone(),
+            trackers.clone(),
+            upstream,
+            config.stall_timeout(),
+            landing::Writer::start().context("starting the writer thread")?,
+            stop.clone(),
+        )
+        .early_reads(config.early_reads),
+    );
     let state = Arc::new(routes::AppState {
         config: config.clone(),
         blobs: blobs.clone(),
