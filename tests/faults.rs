@@ -733,6 +733,45 @@ async fn upstream_sending_wrong_bytes() {
     without_a_tracker(&f).await;
 }
 
+/// The same wrong byte, sent slowly (the tracker's upstream held to 1 MiB/s), so the proxy reads
+/// its slice while the tracker still fetches (`bay-proxy/src/early.rs`): those bytes are not
+/// checked yet, and when the blob fails its digest they must go nowhere. The client gets the
+/// tracker's registry error, nothing is cached, and the bytes read early are dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_sending_wrong_bytes_while_proxies_read_early() {
+    let _serial = serial().await;
+    let blob: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ 9)
+        .collect();
+    let digest = sha256_hex(&blob);
+    let blob = Arc::new(blob);
+    let fake = FakeUpstream::start(blob.clone(), digest.clone(), Fault::Corrupt).await;
+    let tracker = Tracker::start(&[fake.url()], &["--upstream-rate", "1M"])
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&[tracker.url()], &fake.url(), &["--stall-timeout", "2"])
+        .await
+        .unwrap();
+    let f = FaultyUpstream {
+        blob,
+        digest,
+        proxy,
+        tracker,
+        fake,
+    };
+    let got = pull(&blob_url(&f.proxy.url(), &f.digest), None, PULL_TIMEOUT).await;
+    eprintln!("upstream corrupt, read early: {}", got.summary());
+    assert_error_via_tracker(&f, &got);
+    f.assert_nothing_cached(false).await;
+    let t = f.tracker.stats().await.unwrap();
+    assert!(
+        t["early_bytes_served"].as_u64().unwrap() > 0,
+        "the proxy read nothing while the tracker fetched, so the test proved nothing: {t}"
+    );
+    let s = f.proxy.stats().await.unwrap();
+    assert_eq!(s["swarm_downloads"], 0, "{s}");
+}
+
 /// 3b. Upstream sends a quarter of the blob and then nothing, forever. While it hangs the
 /// client has no complete blob, nothing is cached, and the proxy still answers other requests.
 /// (How long until the hang surfaces as an error: `upstream_hanging_times_out`, ignored.)

@@ -595,7 +595,8 @@ impl Blobs {
             self.stop.clone(),
         );
         if let Some(early) = self.early.lock().expect("poisoned").remove(&req.digest) {
-            let pieces = early.finish(&torrent);
+            let (pieces, elsewhere) = early.finish(&torrent);
+            webseed.leave_to_peers(&elsewhere);
             if !pieces.is_empty() {
                 tracing::info!(
                     pieces = pieces.len(),

@@ -452,14 +452,15 @@ impl Trackers {
         Ok(slot)
     }
 
-    /// Bytes `start..=end` of a blob the tracker at `base` is fetching, as they land there.
+    /// Bytes of `start..=end` of a blob the tracker at `base` is fetching, as they land there:
+    /// the part no other proxy got early (its first and last byte), or None if there is none.
     pub async fn early_bytes(
         &self,
         base: &url::Url,
         ask: &crate::early::Ask,
         start: u64,
         end: u64,
-    ) -> Result<reqwest::Response, String> {
+    ) -> Result<Option<(reqwest::Response, u64, u64)>, String> {
         let url = base
             .join(ask.path.trim_start_matches('/'))
             .map_err(|e| e.to_string())?;
@@ -471,16 +472,32 @@ impl Trackers {
             req = req.header(header::AUTHORIZATION, auth.clone());
         }
         let resp = req.send().await.map_err(|e| format!("{base}: {e}"))?;
-        let want = format!("bytes {start}-{end}/");
-        let range_ok = resp
+        if resp.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+            return Ok(None); // other proxies got all of it early
+        }
+        // The tracker sends the first part of the range no other proxy got early.
+        let part = resp
             .headers()
             .get(header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with(&want));
-        if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT || !range_ok {
-            return Err(format!("{base} answered {} for {want}", resp.status()));
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split_once('/'))
+            .and_then(|(r, _)| r.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+        match part {
+            Some((a, b))
+                if resp.status() == reqwest::StatusCode::PARTIAL_CONTENT
+                    && start <= a
+                    && a <= b
+                    && b <= end =>
+            {
+                Ok(Some((resp, a, b)))
+            }
+            _ => Err(format!(
+                "{base} answered {} {part:?} for bytes {start}-{end}",
+                resp.status()
+            )),
         }
-        Ok(resp)
     }
 
     /// The tracker URLs to read a blob's pieces from, best first: `first` (which handed out the

@@ -340,6 +340,9 @@ struct State {
     /// Where a fill starts when this node has no slice (chosen at random, so nodes without
     /// one do not all fill the same pieces).
     fill_from: u32,
+    /// Pieces other nodes got from the tracker while it fetched the blob (`crate::early`):
+    /// left to the swarm even in this node's slice, and read only in a fill.
+    elsewhere: Vec<bool>,
 }
 
 struct Held {
@@ -361,6 +364,7 @@ impl State {
             recent: VecDeque::new(),
             unannounced: Vec::new(),
             fill_from: rand::random_range(0..pieces.max(1) as u32),
+            elsewhere: vec![false; pieces],
         }
     }
 
@@ -385,10 +389,15 @@ impl State {
             first..end
         };
         let (a, b) = plan.slice;
+        let mine = |p: u32| self.missing(p) && (stalled || !self.elsewhere[p as usize]);
         if (!plan.seeded || stalled)
-            && let Some(first) = (a..b.min(pieces)).find(|p| self.missing(*p))
+            && let Some(first) = (a..b.min(pieces)).find(|p| mine(*p))
         {
-            return Some(run_from(first, b.min(pieces)));
+            let mut end = first + 1;
+            while end < b.min(pieces) && end - first < max && mine(end) {
+                end += 1;
+            }
+            return Some(first..end);
         }
         if !stalled {
             return None;
@@ -528,6 +537,16 @@ impl WebSeed {
                 self.inner.read.fetch_add(len, Ordering::Relaxed);
                 self.inner.verified.fetch_add(len, Ordering::Relaxed);
                 self.inner.offer(p, data);
+            }
+        }
+    }
+
+    /// Pieces other nodes got early: see [`State::elsewhere`].
+    pub fn leave_to_peers(&self, pieces: &[u32]) {
+        let mut st = self.inner.lock();
+        for p in pieces {
+            if let Some(e) = st.elsewhere.get_mut(*p as usize) {
+                *e = true;
             }
         }
     }
@@ -946,6 +965,24 @@ mod tests {
             slice: (a, b),
             seeded,
         }
+    }
+
+    /// Pieces other nodes got early are not read for the slice, only in a fill.
+    #[test]
+    fn pieces_left_to_peers_wait_for_a_stall() {
+        let mut s = state(12);
+        s.elsewhere[5] = true;
+        s.elsewhere[6] = true;
+        let p = plan(4, 10, false);
+        assert_eq!(s.next_run(&p, false, 8), Some(4..5));
+        s.local[4] = true;
+        assert_eq!(s.next_run(&p, false, 8), Some(7..10));
+        for i in 7..10 {
+            s.local[i] = true;
+        }
+        assert_eq!(s.next_run(&p, false, 8), None);
+        // Stalled: the node that got them may be gone; they are read after all.
+        assert_eq!(s.next_run(&p, true, 8), Some(5..7));
     }
 
     #[test]

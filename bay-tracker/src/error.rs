@@ -65,6 +65,9 @@ pub enum TrackerError {
     BadRequest(String),
     #[error("{0}")]
     Busy(String),
+    /// An early read of pieces other proxies got early already.
+    #[error("every piece asked for of {0} went to another proxy already")]
+    AlreadySent(String),
 }
 
 impl From<UpstreamError> for TrackerError {
@@ -87,7 +90,7 @@ impl TrackerError {
             | TrackerError::NotHeld(_)
             | TrackerError::NotFetching(_) => ErrorCode::BlobUnknown,
             TrackerError::BadRequest(_) => ErrorCode::NameInvalid,
-            TrackerError::BadRange(..) => ErrorCode::RangeInvalid,
+            TrackerError::BadRange(..) | TrackerError::AlreadySent(_) => ErrorCode::RangeInvalid,
             TrackerError::UnknownPreheat(_) => ErrorCode::NameUnknown,
             TrackerError::TooManyPreheats(_) => ErrorCode::Toomanyrequests,
             TrackerError::Manifest(_) | TrackerError::Timeout(_) => ErrorCode::Unavailable,

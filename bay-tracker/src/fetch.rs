@@ -51,6 +51,34 @@ pub struct Fetching {
     pub path: PathBuf,
     pub size: u64,
     pub progress: watch::Receiver<Progress>,
+    /// Pieces (of the torrent the blob will have) already sent to some proxy.
+    sent: Mutex<Vec<bool>>,
+}
+
+impl Fetching {
+    /// The torrent's piece length for this blob.
+    pub fn piece_length(&self) -> u64 {
+        bay_common::torrent::piece_length_for(self.size) as u64
+    }
+
+    /// Of pieces `first..=last`, takes the first run not sent to anyone yet (at most up to
+    /// `last`) and marks it sent: each piece leaves early once, whoever asks. Proxies arrive
+    /// at different moments and their slices shrink as others arrive, so a slice often
+    /// covers bytes an earlier proxy read while it was still larger; those reach the late one
+    /// from its peers instead.
+    pub fn take_unsent(&self, first: u64, last: u64) -> Option<(u64, u64)> {
+        let mut sent = self.sent.lock().expect("sent poisoned");
+        let n = sent.len() as u64;
+        let from = (first..=last.min(n.saturating_sub(1))).find(|p| !sent[*p as usize])?;
+        let mut to = from;
+        while to < last && to + 1 < n && !sent[(to + 1) as usize] {
+            to += 1;
+        }
+        for p in from..=to {
+            sent[p as usize] = true;
+        }
+        Some((from, to))
+    }
 }
 
 /// Registers a fetch in [`Blobs::fetching`] for as long as it lives; a fetch dropped before it
@@ -325,6 +353,11 @@ impl Blobs {
                             path: tmp.clone(),
                             size,
                             progress: rx,
+                            sent: Mutex::new(vec![
+                                false;
+                                size.div_ceil(bay_common::torrent::piece_length_for(size) as u64)
+                                    as usize
+                            ]),
                         }),
                     );
                     Some(FetchingGuard {
@@ -461,5 +494,32 @@ fn transport(registry: &Registry, e: reqwest::Error) -> bay_common::upstream::Up
     bay_common::upstream::UpstreamError::Transport {
         url: registry.base_url(),
         source: e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_piece_goes_out_early_once() {
+        let size = 10 * 256 * 1024 + 5; // 11 pieces of 256 KiB, the last of 5 bytes
+        let (_tx, rx) = watch::channel(Progress::Written(0));
+        let f = Fetching {
+            path: PathBuf::new(),
+            size,
+            progress: rx,
+            sent: Mutex::new(vec![false; 11]),
+        };
+        assert_eq!(f.piece_length(), 256 * 1024);
+        assert_eq!(f.take_unsent(2, 5), Some((2, 5)));
+        // An overlapping ask gets what is left after the pieces already sent, in one run.
+        assert_eq!(f.take_unsent(0, 7), Some((0, 1)));
+        assert_eq!(f.take_unsent(0, 7), Some((6, 7)));
+        assert_eq!(f.take_unsent(0, 7), None);
+        // Asking past the end is cut to the last piece.
+        assert_eq!(f.take_unsent(9, 40), Some((9, 10)));
+        assert_eq!(f.take_unsent(8, 10), Some((8, 8)));
+        assert_eq!(f.take_unsent(0, 10), None);
     }
 }

@@ -122,9 +122,11 @@ impl Pieces {
     }
 
     /// Answers `GET /v1/early/<registry>/<name>/blobs/<digest>` (checked by the caller): bytes of
-    /// a blob still being fetched from upstream, each sent as soon as it is in the file. They
-    /// are not verified yet: a proxy only uses them once the torrent exists, checking each
-    /// piece against it. A fetch that fails cuts the response off.
+    /// a blob still being fetched from upstream, each sent as soon as it is in the file, always
+    /// as a 206 whose `Content-Range` says which part of the range asked for it is: the first
+    /// run of pieces in it that no proxy got early yet (416 if none is left). They are not
+    /// verified yet: a proxy only uses them once the torrent exists, checking each piece
+    /// against it. A fetch that fails cuts the response off.
     pub fn early(
         self: &Arc<Self>,
         digest: &Digest,
@@ -132,20 +134,24 @@ impl Pieces {
         range: Option<&str>,
     ) -> Result<Response, TrackerError> {
         let size = fetching.size;
-        let (status, r) = match range {
-            Some(h) => {
-                let r = ByteRange::parse(h, size)
-                    .map_err(|_| TrackerError::BadRange(h.chars().take(64).collect(), size))?;
-                (StatusCode::PARTIAL_CONTENT, r)
-            }
-            None => (
-                StatusCode::OK,
-                ByteRange {
-                    start: 0,
-                    end: size - 1,
-                },
-            ),
+        let r = match range {
+            Some(h) => ByteRange::parse(h, size)
+                .map_err(|_| TrackerError::BadRange(h.chars().take(64).collect(), size))?,
+            None => ByteRange {
+                start: 0,
+                end: size - 1,
+            },
         };
+        // Only pieces no proxy got early yet, from the first of them in the range on.
+        let pl = fetching.piece_length();
+        let (first, last) = fetching
+            .take_unsent(r.start / pl, r.end / pl)
+            .ok_or_else(|| TrackerError::AlreadySent(digest.to_string()))?;
+        let r = ByteRange {
+            start: r.start.max(first * pl),
+            end: r.end.min((last + 1) * pl - 1),
+        };
+        let status = StatusCode::PARTIAL_CONTENT;
         let file = match std::fs::File::open(&fetching.path) {
             Ok(f) => f,
             // Renamed into the store or removed: the fetch has just ended.

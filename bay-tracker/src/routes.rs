@@ -318,12 +318,17 @@ async fn announce(
     // is handed seeds only (leechers without pieces would never tell each other what they
     // get); it would meet the other leechers at its next announce, a second later. Its proxy
     // announces its first pieces within milliseconds of having them: the answer waits for
-    // that, and then hands it the leechers as well.
+    // that, and then hands it the leechers as well. Not when there are seeds: the answer
+    // hands those out at once, and the node's web seed then waits for a stall before it
+    // reads anything, so its first pieces come from the seeds it has not been told of.
     let first = req.peer_id.is_bay()
         && made
         && req.event == Some(announce::Event::Started)
         && req.downloaded == 0
-        && req.left > 0;
+        && req.left > 0
+        && answer
+            .as_ref()
+            .is_ok_and(|a| a.complete <= u32::from(own_seed.is_some()));
     if first
         && answer.is_ok()
         && state
