@@ -96,30 +96,19 @@ pub struct Fetched {
 
 impl Trackers {
     pub fn new(urls: Vec<url::Url>) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(bay_common::upstream::IDLE_PER_HOST)
-            .pool_idle_timeout(bay_common::upstream::IDLE_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(TORRENT_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()?;
-        let pieces_client = reqwest::Client::builder()
-            .pool_max_idle_per_host(bay_common::upstream::IDLE_PER_HOST)
-            .pool_idle_timeout(bay_common::upstream::IDLE_TIMEOUT)
-            .connect_timeout(Duration::from_secs(3))
-            .read_timeout(PIECES_READ_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()?;
-        let early_client = reqwest::Client::builder()
-            .pool_max_idle_per_host(bay_common::upstream::IDLE_PER_HOST)
-            .pool_idle_timeout(bay_common::upstream::IDLE_TIMEOUT)
-            .connect_timeout(Duration::from_secs(3))
-            .read_timeout(EARLY_READ_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()?;
+        let client = |connect: Duration, read: Duration| {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(bay_common::upstream::IDLE_PER_HOST)
+                .pool_idle_timeout(bay_common::upstream::IDLE_TIMEOUT)
+                .connect_timeout(connect)
+                .read_timeout(read)
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .build()
+        };
+        let pieces_client = client(Duration::from_secs(3), PIECES_READ_TIMEOUT)?;
+        let early_client = client(Duration::from_secs(3), EARLY_READ_TIMEOUT)?;
+        let client = client(CONNECT_TIMEOUT, TORRENT_TIMEOUT)?;
         Ok(Self {
             pieces_client,
             early_client,

@@ -330,7 +330,6 @@ async fn announce(
             .as_ref()
             .is_ok_and(|a| a.complete <= u32::from(own_seed.is_some()));
     if first
-        && answer.is_ok()
         && state
             .swarms
             .wait_for_pieces(&req.info_hash, &peer, FIRST_PIECES_WAIT)
