@@ -381,23 +381,20 @@ impl State {
         if let Some(&p) = self.wanted_again.iter().next() {
             return Some(p..p + 1);
         }
-        let run_from = |first: u32, limit: u32| {
+        let run_from = |first: u32, limit: u32, take: &dyn Fn(u32) -> bool| {
             let mut end = first + 1;
-            while end < limit && end - first < max && self.missing(end) {
+            while end < limit && end - first < max && take(end) {
                 end += 1;
             }
             first..end
         };
         let (a, b) = plan.slice;
+        // Pieces other nodes got early are left to the swarm until it stalls.
         let mine = |p: u32| self.missing(p) && (stalled || !self.elsewhere[p as usize]);
         if (!plan.seeded || stalled)
             && let Some(first) = (a..b.min(pieces)).find(|p| mine(*p))
         {
-            let mut end = first + 1;
-            while end < b.min(pieces) && end - first < max && mine(end) {
-                end += 1;
-            }
-            return Some(first..end);
+            return Some(run_from(first, b.min(pieces), &mine));
         }
         if !stalled {
             return None;
@@ -406,7 +403,7 @@ impl State {
         (0..pieces)
             .map(|i| (from + i) % pieces)
             .find(|p| self.missing(*p))
-            .map(|first| run_from(first, pieces))
+            .map(|first| run_from(first, pieces, &|p| self.missing(p)))
     }
 
     /// Drops held pieces librqbit has not asked for in [`HELD_TTL`].
