@@ -530,7 +530,7 @@ class Bench:
     def start_proxy(self, ip: str, name: str, tracker_ip: str) -> tuple[subprocess.Popen, Path]:
         data = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.work))
         up = f"http://{IP['registry']}:{REGISTRY_PORT}"
-        argv = [self.bin / "bay-proxy", "--listen", f"{ip}:{PROXY_PORT}", "--peer-port", free_port("0.0.0.0"),
+        argv = [self.bin / "bay-proxy", "--listen", f"{ip}:{PROXY_PORT}", "--peer-port", free_port("0.0.0.0"), "--exchange-port", "0",
                 "--data-dir", data, "--upstream", up, "--default-upstream", up,
                 "--tracker", f"http://{tracker_ip}:{TRACKER_PORT}"]
         ensure_free(ip, PROXY_PORT, name)

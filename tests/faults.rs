@@ -907,6 +907,8 @@ impl ProxyOnTmpfs {
             format!("{ip}:{port}"),
             "--peer-port".into(),
             peer_port.to_string(),
+            "--exchange-port".into(),
+            "0".into(),
             "--data-dir".into(),
             mount.path().display().to_string(),
             "--upstream".into(),

@@ -238,6 +238,8 @@ async fn images_build_and_pull_through_their_containers() {
                 &registry.url(),
                 "--peer-port",
                 &free_port(Ipv4Addr::UNSPECIFIED).to_string(),
+                "--exchange-port",
+                "0",
             ],
         )
         .await

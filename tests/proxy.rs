@@ -484,12 +484,14 @@ async fn a_blob_a_client_stream_verified_is_not_hashed_again() {
     );
 }
 
-/// Cold, the proxies read their slices while the tracker still fetches the blob from upstream
-/// (`bay-proxy/src/early.rs`), and the tracker carries their slots over to the torrent: what
-/// they read early is not read from it again, and each byte still leaves the tracker about
-/// once. Upstream is held to 1 MiB/s, so the fetch takes 8 s and the reads have time to run.
+/// Cold, the proxies read pieces while the tracker still fetches the blob from upstream
+/// (`bay-proxy/src/early.rs`), each piece going to one of them, and pass them on between them
+/// (`bay-proxy/src/exchange.rs`): what they read early is not read from the tracker again, each
+/// byte leaves the tracker about once, and most of the blob crosses between the nodes before
+/// the torrent exists. Upstream is held to 1 MiB/s, so the fetch takes 8 s and the reads have
+/// time to run.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_cold_blob_is_read_in_slices_while_the_tracker_fetches_it() {
+async fn a_cold_blob_is_read_early_and_passed_on_between_nodes() {
     let c = cluster(&[8 << 20], &["--upstream-rate", "1M"]).await;
     let layer = c.image.layers[0].clone();
     let trackers = [c.tracker.url()];
@@ -517,22 +519,36 @@ async fn a_cold_blob_is_read_in_slices_while_the_tracker_fetches_it() {
     for digest in futures::future::join_all(pulls).await {
         assert_eq!(digest, layer.digest);
     }
-    let mut from_tracker = 0;
+    let (mut from_tracker, mut passed_in, mut passed_out) = (0, 0, 0);
     for p in &proxies {
         let s = p.wait_held(1, Duration::from_secs(30)).await.unwrap();
         assert_eq!(s["fallbacks"], 0, "{s}");
         assert_eq!(s["bytes_from_upstream"], 0, "{s}");
         from_tracker += s["bytes_from_trackers"].as_u64().unwrap();
+        passed_in += s["exchange_bytes_received"].as_u64().unwrap();
+        passed_out += s["exchange_bytes_sent"].as_u64().unwrap();
     }
     let t: serde_json::Value = c.tracker.stats().await.unwrap();
     let early = t["early_bytes_served"].as_u64().unwrap();
     let served = t["piece_bytes_served"].as_u64().unwrap();
     let size = layer.size as f64;
     eprintln!(
-        "tracker served {:.2} S over HTTP, {:.2} S of it while fetching; proxies took {:.2} S from it",
+        "tracker served {:.2} S over HTTP, {:.2} S of it while fetching; proxies took {:.2} S \
+         from it and passed {:.2} S on between them while it fetched",
         served as f64 / size,
         early as f64 / size,
-        from_tracker as f64 / size
+        from_tracker as f64 / size,
+        passed_in as f64 / size,
+    );
+    // Each of the 4 nodes needs the 3/4 of the blob the others got early; the fetch takes 8 s,
+    // time enough to pass most of it on before the torrent exists.
+    assert!(
+        passed_in as f64 >= 2.0 * size,
+        "the proxies passed only {passed_in} bytes on between them while the tracker fetched"
+    );
+    assert!(
+        passed_in <= passed_out,
+        "{passed_in} bytes received from other nodes, {passed_out} sent to them"
     );
     // Without early reads nothing leaves the tracker before the fetch ends.
     assert!(
@@ -544,4 +560,150 @@ async fn a_cold_blob_is_read_in_slices_while_the_tracker_fetches_it() {
         "the tracker sent {served} bytes of a {size}-byte blob: slices read early were read again: {t}"
     );
     assert_eq!(c.registry.blob_gets(&layer.digest), 1);
+}
+
+/// A node that passes wrong bytes on while the tracker fetches a cold blob: it takes pieces
+/// from the tracker like a proxy and answers every exchange request with bytes of the right
+/// length that are all wrong. The proxies that read them find them wrong against the torrent
+/// (librqbit checks each piece) and get those pieces again: every client gets the right blob,
+/// the caches hold the right blob, and upstream still sends it once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_passing_on_wrong_bytes_early_costs_time_not_correctness() {
+    let c = cluster(&[8 << 20], &["--upstream-rate", "1M"]).await;
+    let layer = c.image.layers[0].clone();
+    let trackers = [c.tracker.url()];
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        proxies.push(
+            Proxy::start(&trackers, &c.registry.url(), &["--stall-timeout", "30"])
+                .await
+                .unwrap(),
+        );
+    }
+    let liar = Liar::start(layer.size).await;
+    let early = format!(
+        "{}/v1/early/{}/test/img/blobs/{}",
+        c.tracker.url(),
+        c.registry.authority(),
+        layer.digest
+    );
+    let lying = liar.take_pieces(early, layer.size);
+    let pulls = futures::future::join_all(proxies.iter().map(|p| {
+        let url = format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest);
+        async move {
+            let r = http_client()
+                .get(url)
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            bay_common::Digest::sha256_of(&r.bytes().await.unwrap()).to_string()
+        }
+    }));
+    let (taken, digests) = tokio::join!(lying, pulls);
+    for d in digests {
+        assert_eq!(d, layer.digest, "a client got a wrong blob");
+    }
+    let lies = liar.served.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("the liar took {taken} pieces from the tracker and served {lies} wrong bytes");
+    assert!(
+        taken > 0 && lies > 0,
+        "no proxy read from the liar ({taken} pieces taken, {lies} bytes served): the test proved nothing"
+    );
+    for p in &proxies {
+        p.wait_held(1, Duration::from_secs(30)).await.unwrap();
+        // What is cached is the right blob: a cache hit streams it from disk.
+        let r = http_client()
+            .get(format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest))
+            .send()
+            .await
+            .unwrap();
+        let body = r.bytes().await.unwrap();
+        assert_eq!(
+            bay_common::Digest::sha256_of(&body).to_string(),
+            layer.digest
+        );
+        let s = p.stats().await.unwrap();
+        assert_eq!(s["cache_hits"], 1, "{s}");
+    }
+    assert_eq!(c.registry.blob_gets(&layer.digest), 1);
+}
+
+/// A node on its own loopback address that reads pieces early like a proxy and passes on
+/// wrong bytes for every piece asked of it.
+struct Liar {
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Liar {
+    async fn start(size: u64) -> Liar {
+        use axum::extract::Path;
+        let ip = bay_tests::loopback_ip();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = served.clone();
+        let pl = bay_common::torrent::piece_length_for(size) as u64;
+        let app = axum::Router::new().route(
+            "/v1/exchange/{digest}/{piece}",
+            axum::routing::get(move |Path((_, p)): Path<(String, u64)>| {
+                let counted = counted.clone();
+                async move {
+                    let len = pl.min(size.saturating_sub(p * pl));
+                    counted.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                    vec![0x5a; len as usize]
+                }
+            }),
+        );
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Liar {
+            ip,
+            port,
+            served,
+            server,
+        }
+    }
+
+    /// Reads pieces early from the tracker (URL `early`, without query) as a node passing
+    /// them on at its address would, until none is left; how many it got.
+    async fn take_pieces(&self, early: String, size: u64) -> u64 {
+        let client = reqwest::Client::builder()
+            .local_address(std::net::IpAddr::V4(self.ip))
+            .no_proxy()
+            .build()
+            .unwrap();
+        let url = format!("{early}?exchange={}", self.port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut taken = 0;
+        while std::time::Instant::now() < deadline {
+            let r = client
+                .get(&url)
+                .header("range", format!("bytes=0-{}", size - 1))
+                .send()
+                .await
+                .unwrap();
+            match r.status() {
+                StatusCode::PARTIAL_CONTENT => {
+                    r.bytes().await.unwrap();
+                    taken += 1;
+                }
+                StatusCode::RANGE_NOT_SATISFIABLE => break,
+                StatusCode::NOT_FOUND if taken > 0 => break, // the fetch is over
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        taken
+    }
+}
+
+impl Drop for Liar {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
 }

@@ -45,12 +45,57 @@ pub fn early_path(registry: &Registry, name: &RepositoryName, digest: &Digest) -
     )
 }
 
-/// The answer to an early slot request: the slice, as for a held blob's slot, and the size
-/// upstream announced (the piece length follows from it, `torrent::piece_length_for`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// The answer to an early slot request: the slice, as for a held blob's slot, the size
+/// upstream announced (the piece length follows from it, `torrent::piece_length_for`), and
+/// which other nodes got which pieces early.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EarlySlot {
     pub slot: Slot,
     pub size: u64,
+    #[serde(default)]
+    pub holders: EarlyHolders,
+}
+
+/// Which node got each piece of a blob early, so nodes pass pieces on between them while the
+/// tracker still fetches: each piece leaves the tracker once, and a node's link then carries
+/// the rest of the blob during the fetch instead of after it (`exchange_path`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyHolders {
+    /// Exchange addresses (`ip:port`) of the nodes that hold pieces.
+    pub nodes: Vec<std::net::SocketAddr>,
+    /// Index of the piece `pieces[0]` is about: a node asks only from the first piece it did
+    /// not know to be sent (`?from=`), so each answer stays a few bytes long.
+    #[serde(default)]
+    pub first: u32,
+    /// Per piece from `first` on, an index into `nodes`, or [`NOT_SENT`], or [`NOT_PASSED_ON`].
+    pub pieces: Vec<i32>,
+}
+
+/// In [`EarlyHolders::pieces`]: no node got the piece yet.
+pub const NOT_SENT: i32 = -1;
+/// In [`EarlyHolders::pieces`]: the asking node got the piece, or a node that passes nothing on.
+pub const NOT_PASSED_ON: i32 = -2;
+
+impl EarlyHolders {
+    /// The node holding piece `p`, if another one does.
+    pub fn holder(&self, p: u32) -> Option<std::net::SocketAddr> {
+        let i = *self.pieces.get(p.checked_sub(self.first)? as usize)?;
+        self.nodes.get(usize::try_from(i).ok()?).copied()
+    }
+
+    /// The first piece no node got yet, as far as this answer knows.
+    pub fn first_unsent(&self) -> u32 {
+        let sent = self.pieces.iter().take_while(|i| **i != NOT_SENT).count();
+        self.first + sent as u32
+    }
+}
+
+/// Path of one piece of a blob a proxy read early, on that proxy's exchange port: what other
+/// proxies read it from while the tracker still fetches the blob. Only pieces the proxy holds
+/// in memory for a fetch in flight are there; the bytes are checked against the torrent once
+/// it exists, like any piece.
+pub fn exchange_path(digest: &Digest, piece: u32) -> String {
+    format!("/v1/exchange/{digest}/{piece}")
 }
 
 /// Registry error codes (distribution-spec "Error Codes", plus distribution's extras).
@@ -166,6 +211,11 @@ pub struct ProxyStats {
     pub bytes_from_upstream: u64,
     pub blobs_held: u64,
     pub bytes_held: u64,
+    /// Bytes of pieces passed on to and from other nodes while a tracker fetched the blob.
+    #[serde(default)]
+    pub exchange_bytes_sent: u64,
+    #[serde(default)]
+    pub exchange_bytes_received: u64,
     /// Blob bytes served to clients against bytes fetched upstream, per image.
     #[serde(default)]
     pub savings: SavingsReport,

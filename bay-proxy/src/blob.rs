@@ -32,6 +32,7 @@ use tracing::Instrument;
 
 use crate::early::{self, Early};
 use crate::error::ProxyError;
+use crate::exchange::Exchange;
 use crate::landing::{self, Landing, Reader, Writer};
 use crate::metrics::{Metrics, outcome, reason, source};
 use crate::swarm::{Handle, Swarm};
@@ -118,6 +119,8 @@ struct Download {
     webseed: WebSeed,
     /// Where librqbit puts the pieces, and clients read them.
     landing: Arc<Landing>,
+    /// Bytes of the pieces offered early that came from other nodes, not the tracker.
+    from_nodes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Download {
@@ -167,6 +170,10 @@ pub struct Blobs {
     early: Mutex<HashMap<Digest, Early>>,
     early_budget: Arc<early::Budget>,
     early_reads: bool,
+    /// Where early pieces are passed on between nodes (`crate::exchange`).
+    exchange: Option<Arc<Exchange>>,
+    /// Early reads whose torrent came, still passing pieces on for a moment.
+    lingering: Arc<Mutex<HashMap<Digest, early::Holding>>>,
 }
 
 impl Blobs {
@@ -197,7 +204,56 @@ impl Blobs {
             early: Mutex::default(),
             early_budget: Arc::default(),
             early_reads: true,
+            exchange: None,
+            lingering: Arc::default(),
         }
+    }
+
+    /// Passes early pieces on between nodes through `exchange` (`--exchange-port`).
+    pub fn exchange(mut self, exchange: Option<Arc<Exchange>>) -> Self {
+        self.exchange = exchange;
+        self
+    }
+
+    /// The pieces of a blob read early, for other nodes to read.
+    pub fn early_holding(&self, digest: &Digest) -> Option<early::Holding> {
+        let reading = self
+            .early
+            .lock()
+            .expect("poisoned")
+            .get(digest)
+            .map(|e| e.holding());
+        reading.or_else(|| {
+            self.lingering
+                .lock()
+                .expect("poisoned")
+                .get(digest)
+                .cloned()
+        })
+    }
+
+    /// Keeps a read whose torrent came going for [`early::LINGER`].
+    fn linger(&self, digest: Digest, lingering: early::Lingering) {
+        let holding = lingering.holding();
+        self.lingering
+            .lock()
+            .expect("poisoned")
+            .insert(digest.clone(), holding.clone());
+        let map = Arc::downgrade(&self.lingering);
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(early::LINGER) => {}
+                _ = stop.cancelled() => {}
+            }
+            drop(lingering);
+            if let Some(map) = map.upgrade() {
+                let mut map = map.lock().expect("poisoned");
+                if map.get(&digest).is_some_and(|h| h.same(&holding)) {
+                    map.remove(&digest);
+                }
+            }
+        });
     }
 
     /// Whether blobs are read while trackers fetch them (`--early-reads`).
@@ -549,6 +605,7 @@ impl Blobs {
             digest: req.digest.clone(),
             authorization: req.authorization.clone(),
             peer_port: self.swarm.peer_port(),
+            exchange: self.exchange.clone(),
         };
         early.insert(
             req.digest.clone(),
@@ -594,15 +651,23 @@ impl Blobs {
             self.webseed_gate.clone(),
             self.stop.clone(),
         );
-        if let Some(early) = self.early.lock().expect("poisoned").remove(&req.digest) {
-            let (pieces, elsewhere) = early.finish(&torrent);
-            webseed.leave_to_peers(&elsewhere);
-            if !pieces.is_empty() {
+        let from_nodes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let early = self.early.lock().expect("poisoned").remove(&req.digest);
+        if let Some(early) = early {
+            let sink = webseed.early_sink(from_nodes.clone());
+            let (got, lingering) = early.finish(&torrent, sink);
+            webseed.leave_to_peers(&got.elsewhere);
+            from_nodes.fetch_add(got.from_nodes, Ordering::Relaxed);
+            if !got.pieces.is_empty() {
                 tracing::info!(
-                    pieces = pieces.len(),
+                    pieces = got.pieces.len(),
+                    from_nodes = got.from_nodes,
                     "offering the pieces read while the tracker fetched the blob"
                 );
-                webseed.preload(pieces);
+                webseed.preload(got.pieces);
+            }
+            if let Some(lingering) = lingering {
+                self.linger(req.digest.clone(), lingering);
             }
         }
         let download = Arc::new(Download {
@@ -615,6 +680,7 @@ impl Blobs {
             stream_ended: Default::default(),
             webseed,
             landing,
+            from_nodes,
         });
         {
             let mut map = self.downloads.lock().expect("poisoned");
@@ -771,6 +837,9 @@ impl Blobs {
         slots.abort();
         d.webseed.stop();
         let (from_trackers, from_peers) = peer_bytes(&d.handle, &d.webseed);
+        // Pieces other nodes passed on early reach librqbit through the web seed too.
+        let moved = d.from_nodes.load(Ordering::Relaxed).min(from_trackers);
+        let (from_trackers, from_peers) = (from_trackers - moved, from_peers + moved);
         // Pieces librqbit took over from a slower peer and fetched again from the start.
         let steals = d
             .handle
@@ -1046,6 +1115,8 @@ impl Blobs {
             bytes_from_upstream: m.received_total(source::UPSTREAM),
             blobs_held,
             bytes_held,
+            exchange_bytes_sent: m.exchange_sent.get(),
+            exchange_bytes_received: m.exchange_received.get(),
             savings: m.ledger.report(),
         }
     }

@@ -91,6 +91,13 @@ pub struct Config {
     #[arg(long, env = "BAY_EARLY_READS", default_value_t = true, action = clap::ArgAction::Set)]
     pub early_reads: bool,
 
+    /// TCP port (all interfaces) where this node passes pieces it read early on to other
+    /// nodes while a tracker still fetches the blob, and the other nodes' proxies read them
+    /// (docs/swarming.md). Other nodes must reach it, like the BitTorrent port; 0 lets the
+    /// system pick one (the trackers learn it either way). Unused with --early-reads false.
+    #[arg(long, env = "BAY_EXCHANGE_PORT", default_value_t = 6883)]
+    pub exchange_port: u16,
+
     /// Log lines as `text`, or `json` (one object per line, every field of an event and its
     /// spans as a field) for log shippers. Text is coloured only on a terminal, never when
     /// NO_COLOR is set. The level filter is RUST_LOG (default info).
@@ -178,6 +185,11 @@ mod tests {
         assert!(Config::try_parse_from(["bay-proxy", "--prefetch", "maybe"]).is_err());
         assert!(Config::default().early_reads);
         assert!(!Config::parse_from(["bay-proxy", "--early-reads", "false"]).early_reads);
+        assert_eq!(Config::default().exchange_port, 6883);
+        assert_eq!(
+            Config::parse_from(["bay-proxy", "--exchange-port", "0"]).exchange_port,
+            0
+        );
         assert_eq!(Config::default().request_window, 16);
         assert_eq!(Config::default().peer_limit, 128);
         let c = Config::parse_from(["bay-proxy", "--request-window", "4", "--peer-limit", "8"]);

@@ -1,54 +1,83 @@
-//! This node's slice of a blob, read while the tracker is still fetching it from upstream.
+//! A blob read while the tracker is still fetching it from upstream.
 //!
 //! Cold, a blob's torrent exists only once the tracker has every byte (the pieces' hashes need
 //! them all), and until then its uplink sat idle while its downlink fetched; the nodes then
 //! pulled for as long again: cold took the fetch plus a warm pull (`bench/RESULTS.md`, "One
-//! blob at a time"). So while a proxy waits for the torrent it asks the tracker that is
-//! fetching the blob for a slice (from the same kind of slot table as a held blob's, which the
-//! tracker carries over to the torrent) and reads those bytes as they land there. Once the
-//! torrent comes, the web seed offers them to librqbit like any piece read from a tracker, and
-//! librqbit checks each against the torrent: bytes of a fetch that then failed its digest, or
-//! anything else wrong, never reach a client or the cache.
+//! blob at a time"). So while a proxy waits for the torrent it reads, from the tracker that is
+//! fetching the blob, the next piece no other node got, as the bytes land there, and it reads
+//! the pieces the other nodes got from them (`crate::exchange`). It also keeps a slot there,
+//! which the tracker carries over to the torrent. Once the torrent comes, the web seed offers
+//! the pieces to librqbit like any piece read from a tracker, and librqbit checks each against
+//! the torrent: bytes of a fetch that then failed its digest, a node that passed on wrong
+//! bytes, or anything else wrong never reach a client or the cache.
 
-use std::collections::BTreeMap;
-use std::ops::Range;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bay_common::Digest;
+use bay_common::api::EarlyHolders;
 use bay_common::pool::{Pool, Pooled};
 use bay_common::torrent::{BlobTorrent, piece_length_for};
 use bytes::Bytes;
 use reqwest::header::HeaderValue;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::trackers::Trackers;
-use crate::webseed::Plan;
+use crate::exchange::Exchange;
+use crate::trackers::{EarlyAnswer, Trackers};
 
 /// How long a torrent request may take before the node looks for a fetch to read from: a held
 /// blob's torrent comes sooner, and then nothing is asked.
 const START_AFTER: Duration = Duration::from_millis(150);
 /// Pause between looks for a fetch that has not started yet.
 const LOOK_EVERY: Duration = Duration::from_millis(200);
-/// How often the slice is asked for while reading (slices shrink as leechers arrive), at
-/// first, and after [`FIRST_ASKS`] asks. Asking also keeps the slot.
-const ASK_FIRST_EVERY: Duration = Duration::from_millis(200);
-const FIRST_ASKS: u32 = 10;
-const ASK_EVERY: Duration = Duration::from_secs(1);
-/// Most bytes all of a node's early reads hold, waiting for their torrents.
-pub const BUDGET: u64 = 32 << 20;
+/// How often the slot (and with it who holds which piece) is asked for: often, since a piece
+/// can be passed on only once this node knows who holds it. Asking also keeps the slot.
+const ASK_EVERY: Duration = Duration::from_millis(200);
+/// Most bytes all of a node's early reads hold, waiting for their torrents: enough for a
+/// layer-sized blob whole, which is what passing pieces on between nodes is for.
+pub const BUDGET: u64 = 96 << 20;
+/// Part of the budget only pieces read from the tracker may use: those are the only copies.
+const OWN_RESERVE: u64 = 8 << 20;
+/// Most pieces read from other nodes at once, one per node.
+const GATHER_AT_ONCE: usize = 16;
+/// Pause before asking the tracker again when this node holds its share of the pieces sent.
+const SHARE_WAIT: Duration = Duration::from_millis(20);
+/// How long a node serving a piece waits for it to come from the tracker.
+const SERVE_WAIT: Duration = Duration::from_secs(3);
+/// How long a read goes on after its torrent came: it passes its pieces on to nodes whose
+/// torrent came a moment later, and gathers the pieces it still lacks from the others, which
+/// is quicker than the swarm's start (nodes sat idle 1.5-2 s there in `bench/swarm.sh`).
+pub const LINGER: Duration = Duration::from_secs(3);
+
+/// Where what a read learns after the torrent came goes: the web seed, which offers the pieces
+/// to librqbit and leaves those other nodes hold to them.
+#[derive(Clone)]
+pub struct Sink {
+    /// A piece, and whether another node passed it on.
+    pub piece: Arc<dyn Fn(u32, Bytes, bool) + Send + Sync>,
+    /// Pieces another node turned out to hold.
+    pub elsewhere: Arc<Elsewhere>,
+}
+
+/// See [`Sink::elsewhere`].
+pub type Elsewhere = dyn Fn(&[u32]) + Send + Sync;
 
 /// Bytes read early, counted against the node's [`BUDGET`].
 #[derive(Default)]
 pub struct Budget(AtomicU64);
 
 impl Budget {
-    fn take(&self, n: u64) -> bool {
+    /// Takes `n` bytes if the budget then still has `leave` bytes free.
+    fn take(&self, n: u64, leave: u64) -> bool {
         self.0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used + n <= BUDGET).then_some(used + n)
+                (used + n + leave <= BUDGET).then_some(used + n)
             })
             .is_ok()
     }
@@ -64,14 +93,25 @@ impl Budget {
 }
 
 /// What a blob's early read has so far.
+#[derive(Default)]
 struct Got {
     /// Size and piece length the tracker announced.
     shape: Option<(u64, u32)>,
     pieces: BTreeMap<u32, Bytes>,
-    /// Pieces the tracker sent other proxies early: this one gets them from its peers.
-    elsewhere: std::collections::BTreeSet<u32>,
+    /// Of `pieces`, those read from other nodes.
+    from_nodes: BTreeSet<u32>,
+    /// Who holds which piece, as far as the tracker said.
+    holders: Vec<Option<SocketAddr>>,
+    /// Pieces before this one all went to some node: the tracker is asked about the rest.
+    known: u32,
+    /// Pieces other nodes could not pass on: left to the swarm.
+    failed: BTreeSet<u32>,
     /// Taken from the budget for pieces held or being read.
     bytes: u64,
+    /// The tracker no longer fetches the blob: nothing more will be sent to anyone.
+    fetch_over: bool,
+    /// Set once the torrent came.
+    sink: Option<Sink>,
     /// Finished or dropped: the budget is given back and nothing more is kept.
     closed: bool,
 }
@@ -82,11 +122,45 @@ impl Got {
         budget.give(std::mem::take(&mut self.bytes));
         std::mem::take(&mut self.pieces)
     }
+
+    /// Takes in what the tracker said about who holds which piece; the pieces whose holder
+    /// it learnt.
+    fn learn(&mut self, h: &EarlyHolders) -> Vec<u32> {
+        let (size, pl) = self.shape.unwrap_or((0, 1));
+        self.holders.resize(size.div_ceil(pl as u64) as usize, None);
+        let mut new = Vec::new();
+        for p in h.first..h.first + h.pieces.len() as u32 {
+            if let (Some(node), Some(slot)) = (h.holder(p), self.holders.get_mut(p as usize)) {
+                if slot.is_none() {
+                    new.push(p);
+                }
+                *slot = Some(node);
+            }
+        }
+        self.known = self.known.max(h.first_unsent());
+        new
+    }
+
+    fn piece_size(&self, p: u32) -> u64 {
+        let (size, pl) = self.shape.unwrap_or((0, 1));
+        (pl as u64).min(size.saturating_sub(p as u64 * pl as u64))
+    }
+}
+
+/// What an early read has when its torrent comes.
+pub struct Finished {
+    /// Whole pieces held, for the web seed to offer librqbit (which checks them).
+    pub pieces: Vec<(u32, Bytes)>,
+    /// Pieces other nodes got early and this one does not hold: for the swarm.
+    pub elsewhere: Vec<u32>,
+    /// Bytes of `pieces` that came from other nodes rather than the tracker.
+    pub from_nodes: u64,
 }
 
 /// A running early read; dropping it stops the read and frees what it held.
 pub struct Early {
     got: Arc<Mutex<Got>>,
+    arrived: Arc<Notify>,
     budget: Arc<Budget>,
     stop: CancellationToken,
 }
@@ -100,23 +174,22 @@ pub struct Ask {
     pub authorization: Option<HeaderValue>,
     /// This node's BitTorrent port: the slot's key, as for a held blob's slot.
     pub peer_port: u16,
+    /// Where this node passes pieces on, and how it reads them from others; None: it neither
+    /// passes on nor reads from others.
+    pub exchange: Option<Arc<Exchange>>,
 }
 
 impl Early {
     pub fn start(ask: Ask, budget: Arc<Budget>, pool: Arc<Pool>, stop: CancellationToken) -> Early {
-        let got = Arc::new(Mutex::new(Got {
-            shape: None,
-            pieces: BTreeMap::new(),
-            elsewhere: Default::default(),
-            bytes: 0,
-            closed: false,
-        }));
-        let run = Reader {
+        let got = Arc::new(Mutex::new(Got::default()));
+        let arrived = Arc::new(Notify::new());
+        let run = Arc::new(Reader {
             ask,
             got: got.clone(),
+            arrived: arrived.clone(),
             budget: budget.clone(),
             pool,
-        };
+        });
         let span = tracing::debug_span!("early", digest = %run.ask.digest);
         let s = stop.clone();
         tokio::spawn(
@@ -128,182 +201,371 @@ impl Early {
             }
             .instrument(span),
         );
-        Early { got, budget, stop }
+        Early {
+            got,
+            arrived,
+            budget,
+            stop,
+        }
     }
 
-    /// Stops reading; the whole pieces read, if they are of `torrent`'s shape, and the pieces
-    /// the tracker sent other nodes instead.
-    pub fn finish(self, torrent: &BlobTorrent) -> (Vec<(u32, Bytes)>, Vec<u32>) {
-        self.stop.cancel();
+    /// What was read, if it is of `torrent`'s shape. The read goes on, passing pieces on and
+    /// sending those it gathers to `sink`, for as long as the returned [`Lingering`] is kept
+    /// (see [`LINGER`]).
+    pub fn finish(self, torrent: &BlobTorrent, sink: Sink) -> (Finished, Option<Lingering>) {
+        let mut out = Finished {
+            pieces: Vec::new(),
+            elsewhere: Vec::new(),
+            from_nodes: 0,
+        };
         let mut got = self.got.lock().expect("poisoned");
-        let shape = (torrent.size(), torrent.piece_length());
-        let pieces = got.close(&self.budget);
-        if got.shape != Some(shape) {
-            return (Vec::new(), Vec::new());
+        if got.shape != Some((torrent.size(), torrent.piece_length())) {
+            drop(got);
+            return (out, None);
         }
-        let pieces = pieces
-            .into_iter()
-            .filter(|(p, data)| data.len() as u64 == torrent.piece_size(*p as usize))
+        let held = |p: &u32| got.holders.get(*p as usize).is_some_and(|h| h.is_some());
+        out.elsewhere = (0..torrent.piece_count() as u32)
+            .filter(|p| !got.pieces.contains_key(p) && held(p))
             .collect();
-        (
-            pieces,
-            std::mem::take(&mut got.elsewhere).into_iter().collect(),
-        )
+        for (p, data) in &got.pieces {
+            if data.len() as u64 == torrent.piece_size(*p as usize) {
+                if got.from_nodes.contains(p) {
+                    out.from_nodes += data.len() as u64;
+                }
+                out.pieces.push((*p, data.clone()));
+            }
+        }
+        got.sink = Some(sink);
+        drop(got);
+        (out, Some(Lingering(self)))
+    }
+
+    /// A handle that serves this read's pieces to other nodes.
+    pub fn holding(&self) -> Holding {
+        Holding {
+            got: self.got.clone(),
+            arrived: self.arrived.clone(),
+        }
     }
 }
 
 impl Drop for Early {
     fn drop(&mut self) {
+        if let Ok(got) = self.got.lock() {
+            tracing::debug!(
+                pieces = got.pieces.len(),
+                from_nodes = got.from_nodes.len(),
+                failed = got.failed.len(),
+                fetch_over = got.fetch_over,
+                "early read ended"
+            );
+        }
         self.stop.cancel();
         self.got.lock().expect("poisoned").close(&self.budget);
+        self.arrived.notify_waiters();
     }
+}
+
+/// An early read whose torrent came, passing pieces on and gathering the rest until dropped.
+pub struct Lingering(Early);
+
+impl Lingering {
+    pub fn holding(&self) -> Holding {
+        self.0.holding()
+    }
+}
+
+/// The pieces of an early read, as other nodes ask for them (`crate::exchange`).
+#[derive(Clone)]
+pub struct Holding {
+    got: Arc<Mutex<Got>>,
+    arrived: Arc<Notify>,
+}
+
+impl Holding {
+    /// Whether both are of the same read.
+    pub fn same(&self, other: &Holding) -> bool {
+        Arc::ptr_eq(&self.got, &other.got)
+    }
+
+    /// Piece `p` once it is here (the tracker may still be sending it), or None if it does
+    /// not come within [`SERVE_WAIT`] or the read ends first.
+    pub async fn piece(&self, p: u32) -> Option<Bytes> {
+        let deadline = tokio::time::Instant::now() + SERVE_WAIT;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            {
+                let got = self.got.lock().expect("poisoned");
+                if let Some(data) = got.pieces.get(&p) {
+                    return Some(data.clone());
+                }
+                if got.closed {
+                    return None;
+                }
+            }
+            tokio::time::timeout_at(deadline, arrived).await.ok()?;
+        }
+    }
+}
+
+/// What one read from the tracker got.
+enum Read {
+    Piece(u32),
+    NoneLeft,
+    Wait,
 }
 
 struct Reader {
     ask: Ask,
     got: Arc<Mutex<Got>>,
+    arrived: Arc<Notify>,
     budget: Arc<Budget>,
     pool: Arc<Pool>,
 }
 
 impl Reader {
-    async fn run(&self) {
+    async fn run(self: &Arc<Self>) {
         tokio::time::sleep(START_AFTER).await;
-        // The tracker that is fetching the blob, and the first slice it gave us.
+        // The tracker that is fetching the blob, and the first slot it gave us.
         let (base, first) = loop {
-            if let Some(found) = self.ask.trackers.early_slot(&self.ask).await {
+            if let Some(found) = self.ask.trackers.early_slot(&self.ask, 0).await {
                 break found;
             }
             tokio::time::sleep(LOOK_EVERY).await;
         };
-        let (size, pl) = (first.size, piece_length_for(first.size));
-        let pieces = size.div_ceil(pl as u64) as u32;
-        self.got.lock().expect("poisoned").shape = Some((size, pl));
-        let mut plan = Plan::from_slot(&first.slot, pieces);
-        tracing::debug!(?plan.slice, size, "reading a slice while the tracker fetches the blob");
-        let mut asked = (1u32, Instant::now());
+        let size = first.size;
+        {
+            let mut got = self.got.lock().expect("poisoned");
+            got.shape = Some((size, piece_length_for(size)));
+            got.learn(&first.holders);
+        }
+        tracing::debug!(size, "reading pieces while the tracker fetches the blob");
+        let slot = async {
+            self.keep_slot(&base, size).await;
+            self.got.lock().expect("poisoned").fetch_over = true;
+        };
+        // Two reads from the tracker at once: the node's downlink also carries what the other
+        // nodes pass on, and with one the tracker's stream got too small a share of it to keep
+        // up with the fetch (the pieces nobody took then went out after it, all to one node).
+        tokio::join!(
+            slot,
+            self.read_own(&base, size),
+            self.read_own(&base, size),
+            self.gather(size)
+        );
+    }
+
+    /// Asks for the slot now and then, learning who holds which piece; returns once the
+    /// tracker no longer fetches the blob.
+    async fn keep_slot(&self, base: &url::Url, size: u64) {
         loop {
-            let every = if asked.0 < FIRST_ASKS {
-                ASK_FIRST_EVERY
-            } else {
-                ASK_EVERY
-            };
-            if asked.1.elapsed() >= every {
-                match self.ask.trackers.early_slot_at(&base, &self.ask).await {
-                    Ok(s) if s.size == size => plan = Plan::from_slot(&s.slot, pieces),
-                    // The fetch is over (or failed): the torrent answers next.
-                    _ => return,
+            tokio::time::sleep(ASK_EVERY).await;
+            let from = self.got.lock().expect("poisoned").known;
+            match self.ask.trackers.early_slot_at(base, &self.ask, from).await {
+                Ok(s) if s.size == size => {
+                    let mut got = self.got.lock().expect("poisoned");
+                    let new = got.learn(&s.holders);
+                    let new: Vec<u32> = new
+                        .into_iter()
+                        .filter(|p| !got.pieces.contains_key(p))
+                        .collect();
+                    let sink = got.sink.clone();
+                    drop(got);
+                    if let Some(sink) = sink
+                        && !new.is_empty()
+                    {
+                        (sink.elsewhere)(&new);
+                    }
                 }
-                asked = (asked.0 + 1, Instant::now());
+                _ => return,
             }
-            let Some(run) = self.next_run(&plan) else {
-                tokio::time::sleep(every).await;
-                continue;
-            };
-            let bytes = run_bytes(&run, pl, size);
+        }
+    }
+
+    /// Reads from the tracker, one piece at a time, the first piece no node got yet, until
+    /// every piece went to some node.
+    async fn read_own(&self, base: &url::Url, size: u64) {
+        let pl = piece_length_for(size);
+        loop {
+            let budgeted = pl as u64;
             {
                 let mut got = self.got.lock().expect("poisoned");
-                if got.closed || !self.budget.take(bytes) {
+                if got.closed || !self.budget.take(budgeted, 0) {
                     tracing::debug!("the node's early reads hold their budget: the rest waits");
                     return;
                 }
-                got.bytes += bytes;
+                got.bytes += budgeted;
             }
-            let mut received = run.start..run.start;
-            let read = self.read(&base, run.clone(), pl, size, &mut received).await;
-            // What was budgeted for pieces not read goes back.
-            let missing = bytes - run_bytes(&received, pl, size);
-            if missing > 0 {
-                let mut got = self.got.lock().expect("poisoned");
-                if !got.closed {
-                    got.bytes -= missing;
-                    self.budget.give(missing);
+            let read = self.read_piece(base, size).await;
+            let kept = match &read {
+                Ok(Read::Piece(p)) => self.got.lock().expect("poisoned").piece_size(*p),
+                _ => 0,
+            };
+            self.give_back(budgeted - kept);
+            match read {
+                Ok(Read::Piece(_)) => {}
+                Ok(Read::Wait) => tokio::time::sleep(SHARE_WAIT).await,
+                Ok(Read::NoneLeft) => return, // every piece went to some node
+                Err(e) => {
+                    tracing::debug!(tracker = %base, "early read stopped: {e}");
+                    return;
                 }
-            }
-            if let Err(e) = read {
-                tracing::debug!(tracker = %base, "early read stopped: {e}");
-                return;
             }
         }
     }
 
-    /// The next piece of the slice not read yet. One at a time: the slice may shrink
-    /// meanwhile, and the read in flight when the torrent comes is cut off, its bytes wasted
-    /// (at 1 MiB per read that was 0.12 S of the tracker's uplink in N=16, 10 Mbit/s cold runs).
-    fn next_run(&self, plan: &Plan) -> Option<Range<u32>> {
-        let got = self.got.lock().expect("poisoned");
-        let (a, b) = plan.slice;
-        let p = (a..b).find(|p| !got.pieces.contains_key(p) && !got.elsewhere.contains(p))?;
-        Some(p..p + 1)
+    fn give_back(&self, n: u64) {
+        let mut got = self.got.lock().expect("poisoned");
+        if n > 0 && !got.closed {
+            got.bytes -= n;
+            self.budget.give(n);
+        }
     }
 
-    /// Reads pieces `run` (budgeted already) as the fetch writes them, or the part of it the
-    /// tracker still has for early readers; `received` is what came.
-    async fn read(
-        &self,
-        base: &url::Url,
-        run: Range<u32>,
-        pl: u32,
-        size: u64,
-        received: &mut Range<u32>,
-    ) -> Result<(), String> {
-        let start = run.start as u64 * pl as u64;
-        let end = (run.end as u64 * pl as u64).min(size);
+    /// Reads the next piece nobody got from the tracker as the fetch writes it.
+    async fn read_piece(&self, base: &url::Url, size: u64) -> Result<Read, String> {
+        let pl = piece_length_for(size) as u64;
         let answer = self
             .ask
             .trackers
-            .early_bytes(base, &self.ask, start, end - 1)
+            .early_bytes(base, &self.ask, 0, size - 1)
             .await?;
-        let Some((mut resp, a, b)) = answer else {
-            self.got.lock().expect("poisoned").elsewhere.extend(run);
-            return Ok(());
+        let (resp, a, b) = match answer {
+            EarlyAnswer::Bytes(resp, a, b) => (resp, a, b),
+            EarlyAnswer::NoneLeft => return Ok(Read::NoneLeft),
+            EarlyAnswer::Wait => return Ok(Read::Wait),
         };
-        let (first, last) = ((a / pl as u64) as u32, (b / pl as u64) as u32);
-        if a % pl as u64 != 0 || (b + 1 != size && (b + 1) % pl as u64 != 0) {
-            return Err(format!("bytes {a}-{b} are not whole pieces"));
+        let piece = (a / pl) as u32;
+        let want = pl.min(size - a);
+        if a % pl != 0 || b + 1 - a != want {
+            return Err(format!("bytes {a}-{b} are not one piece"));
         }
-        self.got
-            .lock()
-            .expect("poisoned")
-            .elsewhere
-            .extend(run.start..first);
-        let run = first..last + 1;
-        *received = first..first;
-        // Each piece in a buffer of the node's pool: fresh memory for every read grew the
-        // proxy's RSS by 130 MiB now and then (tests/load.rs).
-        let mut filling: Option<(Pooled, usize)> = None;
-        let mut piece = first;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-            let mut c = &chunk[..];
-            while !c.is_empty() && piece < run.end {
-                let want = (pl as u64).min(size - piece as u64 * pl as u64) as usize;
-                let (buf, filled) = filling.get_or_insert_with(|| (self.pool.take(want), 0));
-                let n = (want - *filled).min(c.len());
-                buf.as_mut()[*filled..*filled + n].copy_from_slice(&c[..n]);
-                *filled += n;
-                c = &c[n..];
-                if *filled == want {
-                    let (buf, _) = filling.take().expect("just filled");
-                    let mut got = self.got.lock().expect("poisoned");
-                    if got.closed {
-                        return Ok(());
+        let data = fill(resp, want as usize, &self.pool).await?;
+        self.keep(piece, data, false);
+        Ok(Read::Piece(piece))
+    }
+
+    fn keep(&self, piece: u32, data: Bytes, from_node: bool) {
+        let mut got = self.got.lock().expect("poisoned");
+        if got.closed {
+            return;
+        }
+        got.pieces.insert(piece, data.clone());
+        if from_node {
+            got.from_nodes.insert(piece);
+        }
+        let sink = got.sink.clone();
+        drop(got);
+        self.arrived.notify_waiters();
+        if let Some(sink) = sink {
+            tracing::debug!(piece, from_node, "piece read after the torrent came");
+            (sink.piece)(piece, data, from_node);
+        }
+    }
+
+    /// Reads the pieces other nodes got from the tracker from them, the lowest first, one
+    /// request per node at a time.
+    async fn gather(self: &Arc<Self>, size: u64) {
+        let Some(exchange) = self.ask.exchange.clone() else {
+            return;
+        };
+        let pl = piece_length_for(size) as u64;
+        let mut running: JoinSet<(SocketAddr, u32, Result<Bytes, String>)> = JoinSet::new();
+        let mut busy: HashSet<SocketAddr> = HashSet::new();
+        let mut asked: HashMap<u32, SocketAddr> = HashMap::new();
+        let mut unreachable: HashSet<SocketAddr> = HashSet::new();
+        loop {
+            {
+                let mut got = self.got.lock().expect("poisoned");
+                if got.closed {
+                    return;
+                }
+                let mut wanted: Vec<(SocketAddr, u32)> = Vec::new();
+                for (p, node) in got.holders.iter().enumerate() {
+                    let p = p as u32;
+                    let Some(node) = node else {
+                        continue;
+                    };
+                    if busy.contains(node)
+                        || unreachable.contains(node)
+                        || wanted.iter().any(|(n, _)| n == node)
+                        || got.pieces.contains_key(&p)
+                        || got.failed.contains(&p)
+                        || asked.contains_key(&p)
+                    {
+                        continue;
                     }
-                    got.pieces.insert(piece, buf.into_bytes());
-                    piece += 1;
-                    received.end = piece;
+                    wanted.push((*node, p));
+                }
+                if wanted.is_empty() && running.is_empty() && got.fetch_over {
+                    return; // every piece some node got is here, or could not be had
+                }
+                for (node, p) in wanted {
+                    if running.len() >= GATHER_AT_ONCE || !self.budget.take(pl, OWN_RESERVE) {
+                        break;
+                    }
+                    got.bytes += pl;
+                    busy.insert(node);
+                    asked.insert(p, node);
+                    let (exchange, digest, pool) =
+                        (exchange.clone(), self.ask.digest.clone(), self.pool.clone());
+                    let want = got.piece_size(p) as usize;
+                    running.spawn(async move {
+                        (node, p, exchange.read(node, &digest, p, want, &pool).await)
+                    });
+                }
+            }
+            let done = tokio::select! {
+                done = running.join_next(), if !running.is_empty() => done,
+                _ = tokio::time::sleep(ASK_EVERY / 2) => None,
+            };
+            let Some(Ok((node, p, result))) = done else {
+                continue;
+            };
+            busy.remove(&node);
+            asked.remove(&p);
+            match result {
+                Ok(data) => {
+                    let kept = data.len() as u64;
+                    exchange.count_in(kept);
+                    self.keep(p, data, true);
+                    self.give_back(pl - kept);
+                }
+                Err(e) => {
+                    tracing::debug!(%node, piece = p, "not passed on: {e}");
+                    if e.starts_with("connect") {
+                        unreachable.insert(node);
+                    }
+                    self.got.lock().expect("poisoned").failed.insert(p);
+                    self.give_back(pl);
                 }
             }
         }
-        if piece < run.end {
-            return Err(format!("the range ended at piece {piece} of {run:?}"));
-        }
-        Ok(())
     }
 }
 
-fn run_bytes(run: &Range<u32>, pl: u32, size: u64) -> u64 {
-    let start = run.start as u64 * pl as u64;
-    (run.end as u64 * pl as u64).min(size).saturating_sub(start)
+/// Reads one piece of `want` bytes from `resp` into a buffer of the node's pool: fresh memory
+/// for every read grew the proxy's RSS by 130 MiB now and then (tests/load.rs).
+pub async fn fill(
+    mut resp: reqwest::Response,
+    want: usize,
+    pool: &Arc<Pool>,
+) -> Result<Bytes, String> {
+    let mut buf: Pooled = pool.take(want);
+    let mut filled = 0;
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if filled + chunk.len() > want {
+            return Err(format!("more than the piece's {want} bytes came"));
+        }
+        buf.as_mut()[filled..filled + chunk.len()].copy_from_slice(&chunk);
+        filled += chunk.len();
+    }
+    if filled < want {
+        return Err(format!("the piece ended after {filled} of {want} bytes"));
+    }
+    Ok(buf.into_bytes())
 }
 
 #[cfg(test)]
@@ -313,19 +575,15 @@ mod tests {
     #[test]
     fn the_budget_is_shared_and_given_back() {
         let b = Budget::default();
-        assert!(b.take(BUDGET - 10));
-        assert!(!b.take(11), "more than the budget was handed out");
-        assert!(b.take(10));
+        assert!(b.take(BUDGET - OWN_RESERVE - 10, 0));
+        assert!(
+            !b.take(11, OWN_RESERVE),
+            "pieces from other nodes took the tracker's reserve"
+        );
+        assert!(b.take(10, OWN_RESERVE));
+        assert!(b.take(OWN_RESERVE, 0));
+        assert!(!b.take(1, 0), "more than the budget was handed out");
         b.give(BUDGET);
         assert_eq!(b.used(), 0);
-    }
-
-    #[test]
-    fn runs_cover_the_last_short_piece() {
-        let pl = 256 * 1024;
-        let size = 3 * pl as u64 + 5;
-        assert_eq!(run_bytes(&(0..4), pl, size), size);
-        assert_eq!(run_bytes(&(3..4), pl, size), 5);
-        assert_eq!(run_bytes(&(1..2), pl, size), pl as u64);
     }
 }

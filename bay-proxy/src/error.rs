@@ -30,6 +30,8 @@ pub enum ProxyError {
     DigestMismatch { digest: String },
     #[error("storage: {0}")]
     Io(#[from] std::io::Error),
+    #[error("piece {piece} of blob {digest} is not held here for passing on")]
+    PieceNotHeld { digest: String, piece: String },
 }
 
 impl From<UpstreamError> for ProxyError {
@@ -48,6 +50,7 @@ impl ProxyError {
             ProxyError::BadDigest(_) => ErrorCode::DigestInvalid,
             ProxyError::BadName(_) => ErrorCode::NameInvalid,
             ProxyError::BadRange(..) => ErrorCode::RangeInvalid,
+            ProxyError::PieceNotHeld { .. } => ErrorCode::BlobUnknown,
             ProxyError::Refused(_)
             | ProxyError::Upstream(_)
             | ProxyError::UpstreamViaTracker { .. }

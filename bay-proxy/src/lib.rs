@@ -5,6 +5,7 @@ pub mod blob;
 pub mod config;
 pub mod early;
 pub mod error;
+pub mod exchange;
 pub mod landing;
 pub mod metrics;
 pub mod passthrough;
@@ -60,18 +61,33 @@ pub async fn run(
         config.upstream_timeout,
     ))?);
     let stop = CancellationToken::new();
-    let blobs = Arc::new(
-        blob::Blobs::new(
-            store.clone(),
-            swarm.clone(),
-            trackers.clone(),
-            upstream,
-            config.stall_timeout(),
-            landing::Writer::start().context("starting the writer thread")?,
-            stop.clone(),
-        )
-        .early_reads(config.early_reads),
-    );
+    let blobs = blob::Blobs::new(
+        store.clone(),
+        swarm.clone(),
+        trackers.clone(),
+        upstream,
+        config.stall_timeout(),
+        landing::Writer::start().context("starting the writer thread")?,
+        stop.clone(),
+    )
+    .early_reads(config.early_reads);
+    let exchange = match config.early_reads {
+        true => Some(
+            exchange::Exchange::bind(
+                config.exchange_port,
+                blobs.metrics.exchange_received.clone(),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on port {} (--exchange-port)",
+                    config.exchange_port
+                )
+            })?,
+        ),
+        false => None,
+    };
+    let blobs = Arc::new(blobs.exchange(exchange.as_ref().map(|(x, _)| x.clone())));
     let state = Arc::new(routes::AppState {
         config: config.clone(),
         blobs: blobs.clone(),
@@ -94,6 +110,16 @@ pub async fn run(
         }
         None => None,
     };
+    let exchange_server = exchange.map(|(x, l)| {
+        let done = stop.clone();
+        tracing::info!(exchange_port = x.port(), "passing early pieces on");
+        tokio::spawn(bay_common::serve::serve(
+            l,
+            exchange::app(blobs.clone()),
+            async move { done.cancelled().await },
+            Duration::ZERO,
+        ))
+    });
     tracing::info!(
         listen = %listener.local_addr()?,
         peer_port = config.peer_port,
@@ -119,7 +145,7 @@ pub async fn run(
     let leaving = swarm.stopped_announces();
     stop.cancel();
     reseed.abort();
-    if let Some(server) = metrics_server {
+    for server in [metrics_server, exchange_server].into_iter().flatten() {
         let _ = server.await;
     }
     blobs.wait_downloads(Duration::from_secs(2)).await;

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub swarm_downloads: Family<Outcome, Counter>,
     pub prefetches: Counter,
     pub commit_failures: Counter,
+    pub exchange_sent: Counter,
+    pub exchange_received: Counter,
     cache_blobs: Gauge,
     cache_bytes: Gauge,
     evictions: Counter,
@@ -73,6 +75,8 @@ impl Default for Metrics {
         let swarm_downloads = Family::<Outcome, Counter>::default();
         let prefetches = Counter::default();
         let commit_failures = Counter::default();
+        let exchange_sent = Counter::default();
+        let exchange_received = Counter::default();
         let cache_blobs = Gauge::default();
         let cache_bytes = Gauge::default();
         let evictions = Counter::default();
@@ -127,6 +131,18 @@ impl Default for Metrics {
             commit_failures.clone(),
         );
         r.register(
+            "bay_exchange_bytes_sent",
+            "Bytes of pieces read early that this node passed on to other nodes while a tracker \
+             fetched the blob",
+            exchange_sent.clone(),
+        );
+        r.register(
+            "bay_exchange_bytes_received",
+            "Bytes of pieces other nodes passed on to this one while a tracker fetched the blob \
+             (checked once the torrent came)",
+            exchange_received.clone(),
+        );
+        r.register(
             "bay_cache_blobs",
             "Blobs held in the cache and seeded",
             cache_blobs.clone(),
@@ -153,6 +169,8 @@ impl Default for Metrics {
             swarm_downloads,
             prefetches,
             commit_failures,
+            exchange_sent,
+            exchange_received,
             cache_blobs,
             cache_bytes,
             evictions,

@@ -87,11 +87,29 @@ enum Answer {
     UpstreamFailed(reqwest::StatusCode, String),
 }
 
+/// What a tracker answers an early read.
+pub enum EarlyAnswer {
+    /// The bytes, from the first to the last (inclusive) of the part sent.
+    Bytes(reqwest::Response, u64, u64),
+    /// Other proxies got every piece asked for.
+    NoneLeft,
+    /// This proxy holds its share of the pieces sent so far: ask again shortly.
+    Wait,
+}
+
 /// A torrent as a tracker handed it out.
 pub struct Fetched {
     pub torrent: BlobTorrent,
     pub metainfo: Bytes,
     pub from: url::Url,
+}
+
+/// `exchange=<port>` for the tracker to record (and hand out) where this node passes the
+/// pieces it reads early on, or nothing if it does not.
+fn exchange_query(ask: &crate::early::Ask, sep: char) -> String {
+    ask.exchange
+        .as_ref()
+        .map_or(String::new(), |x| format!("{sep}exchange={}", x.port()))
 }
 
 impl Trackers {
@@ -399,30 +417,37 @@ impl Trackers {
 
     /// The tracker fetching a blob now, and this node's slice of it: the first by rank that
     /// answers (the one a torrent request went to). None while no tracker is fetching it.
-    pub async fn early_slot(&self, ask: &crate::early::Ask) -> Option<(url::Url, api::EarlySlot)> {
+    pub async fn early_slot(
+        &self,
+        ask: &crate::early::Ask,
+        from: u32,
+    ) -> Option<(url::Url, api::EarlySlot)> {
         for i in self.ranked(&ask.digest) {
             if self.cooling(i) {
                 continue;
             }
             let base = &self.urls[i];
-            if let Ok(slot) = self.early_slot_at(base, ask).await {
+            if let Ok(slot) = self.early_slot_at(base, ask, from).await {
                 return Some((base.clone(), slot));
             }
         }
         None
     }
 
-    /// This node's slice of a blob the tracker at `base` is fetching, or why not.
+    /// This node's slice of a blob the tracker at `base` is fetching, and who holds which of
+    /// its pieces from piece `from` on, or why not.
     pub async fn early_slot_at(
         &self,
         base: &url::Url,
         ask: &crate::early::Ask,
+        from: u32,
     ) -> Result<api::EarlySlot, String> {
         let url = base
             .join(&format!(
-                "{}/slot?port={}",
+                "{}/slot?port={}&from={from}{}",
                 ask.path.trim_start_matches('/'),
-                ask.peer_port
+                ask.peer_port,
+                exchange_query(ask, '&')
             ))
             .map_err(|e| e.to_string())?;
         let mut req = self.client.get(url).timeout(Duration::from_secs(2));
@@ -442,16 +467,20 @@ impl Trackers {
     }
 
     /// Bytes of `start..=end` of a blob the tracker at `base` is fetching, as they land there:
-    /// the part no other proxy got early (its first and last byte), or None if there is none.
+    /// the part no other proxy got early (its first and last byte), if any.
     pub async fn early_bytes(
         &self,
         base: &url::Url,
         ask: &crate::early::Ask,
         start: u64,
         end: u64,
-    ) -> Result<Option<(reqwest::Response, u64, u64)>, String> {
+    ) -> Result<EarlyAnswer, String> {
         let url = base
-            .join(ask.path.trim_start_matches('/'))
+            .join(&format!(
+                "{}{}",
+                ask.path.trim_start_matches('/'),
+                exchange_query(ask, '?')
+            ))
             .map_err(|e| e.to_string())?;
         let mut req = self
             .early_client
@@ -462,7 +491,10 @@ impl Trackers {
         }
         let resp = req.send().await.map_err(|e| format!("{base}: {e}"))?;
         if resp.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
-            return Ok(None); // other proxies got all of it early
+            return Ok(EarlyAnswer::NoneLeft); // other proxies got all of it early
+        }
+        if resp.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Ok(EarlyAnswer::Wait);
         }
         // The tracker sends the first part of the range no other proxy got early.
         let part = resp
@@ -480,7 +512,7 @@ impl Trackers {
                     && a <= b
                     && b <= end =>
             {
-                Ok(Some((resp, a, b)))
+                Ok(EarlyAnswer::Bytes(resp, a, b))
             }
             _ => Err(format!(
                 "{base} answered {} {part:?} for bytes {start}-{end}",

@@ -433,6 +433,21 @@ impl State {
         }
     }
 
+    /// librqbit asks for piece `p`, which we do not hold: if we offered it and dropped it
+    /// since, it is to be read again (true).
+    fn asked_again(&mut self, p: u32) -> bool {
+        let i = p as usize;
+        if self.offered.get(i) != Some(&true) || self.held.contains_key(&p) {
+            return false;
+        }
+        // Asking for it proves librqbit lacks it, even if we sent it whole: it failed the
+        // check, and a librqbit with no piece sends no bitfield on the next connection to say
+        // so (without this, the piece was read from the tracker again and again, unoffered).
+        self.local[i] = false;
+        self.wanted_again.insert(p);
+        true
+    }
+
     /// Takes the bytes of `block` for librqbit if we hold them; marks the piece as librqbit's
     /// once every byte of it went out (and keeps it among the recent ones). None for a block we
     /// do not hold.
@@ -538,14 +553,44 @@ impl WebSeed {
         }
     }
 
+    /// Where an early read that goes on after the torrent came sends what it learns: pieces,
+    /// offered like [`Self::preload`]'s, and pieces to leave to peers, as
+    /// [`Self::leave_to_peers`]. `from_nodes` counts the bytes other nodes passed on.
+    pub fn early_sink(&self, from_nodes: Arc<AtomicU64>) -> crate::early::Sink {
+        let inner = Arc::downgrade(&self.inner);
+        let elsewhere = inner.clone();
+        crate::early::Sink {
+            piece: Arc::new(move |p, data: Bytes, from_node| {
+                if let Some(inner) = inner.upgrade()
+                    && p < inner.torrent.piece_count() as u32
+                {
+                    // Once librqbit refused a piece of ours, a node's pieces are checked here.
+                    if inner.checking.load(Ordering::Relaxed)
+                        && !inner.torrent.piece_matches(p as usize, &data)
+                    {
+                        tracing::warn!(piece = p, "a node passed on a wrong piece; dropped");
+                        return;
+                    }
+                    let len = data.len() as u64;
+                    if from_node {
+                        from_nodes.fetch_add(len, Ordering::Relaxed);
+                    }
+                    inner.read.fetch_add(len, Ordering::Relaxed);
+                    inner.verified.fetch_add(len, Ordering::Relaxed);
+                    inner.offer(p, data);
+                }
+            }),
+            elsewhere: Arc::new(move |pieces: &[u32]| {
+                if let Some(inner) = elsewhere.upgrade() {
+                    inner.leave_to_peers(pieces);
+                }
+            }),
+        }
+    }
+
     /// Pieces other nodes got early: see [`State::elsewhere`].
     pub fn leave_to_peers(&self, pieces: &[u32]) {
-        let mut st = self.inner.lock();
-        for p in pieces {
-            if let Some(e) = st.elsewhere.get_mut(*p as usize) {
-                *e = true;
-            }
-        }
+        self.inner.leave_to_peers(pieces);
     }
 
     pub fn set_plan(&self, plan: Plan) {
@@ -607,6 +652,15 @@ impl WebSeed {
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("web seed state poisoned")
+    }
+
+    fn leave_to_peers(&self, pieces: &[u32]) {
+        let mut st = self.lock();
+        for p in pieces {
+            if let Some(e) = st.elsewhere.get_mut(*p as usize) {
+                *e = true;
+            }
+        }
     }
 
     /// Bytes peers other than us have sent librqbit, whole pieces or not: on a busy swarm a
@@ -779,6 +833,7 @@ impl Inner {
             let mut st = self.lock();
             let i = piece as usize;
             if st.local[i] {
+                st.wanted_again.remove(&piece);
                 return; // librqbit got it meanwhile
             }
             st.wanted_again.remove(&piece);
@@ -919,9 +974,7 @@ impl Inner {
             match st.take_block(b) {
                 Some(bytes) => Some(bytes),
                 None => {
-                    let i = b.index as usize;
-                    if st.offered.get(i) == Some(&true) && !st.held.contains_key(&b.index) {
-                        st.wanted_again.insert(b.index);
+                    if st.asked_again(b.index) {
                         st.pending.push(b);
                         drop(st);
                         self.taken.notify_one();
@@ -1040,6 +1093,17 @@ mod tests {
         let mut s = state(8);
         s.wanted_again.insert(6);
         assert_eq!(s.next_run(&plan(0, 8, false), false, 8), Some(6..7));
+    }
+
+    #[test]
+    fn a_piece_sent_whole_and_asked_for_again_is_read_again() {
+        let mut s = state(8);
+        s.offered[3] = true;
+        s.local[3] = true; // sent whole, then it failed librqbit's check
+        assert!(!s.asked_again(5), "never offered: not ours to read");
+        assert!(s.asked_again(3));
+        assert!(!s.local[3]);
+        assert_eq!(s.next_run(&plan(0, 8, true), false, 8), Some(3..4));
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub enum TrackerError {
     /// An early read of pieces other proxies got early already.
     #[error("every piece asked for of {0} went to another proxy already")]
     AlreadySent(String),
+    /// An early read by a proxy that holds more than its share of the pieces sent so far.
+    #[error("this proxy holds its share of {0}'s pieces sent so far: ask again shortly")]
+    OverShare(String),
 }
 
 impl From<UpstreamError> for TrackerError {
@@ -92,7 +95,9 @@ impl TrackerError {
             TrackerError::BadRequest(_) => ErrorCode::NameInvalid,
             TrackerError::BadRange(..) | TrackerError::AlreadySent(_) => ErrorCode::RangeInvalid,
             TrackerError::UnknownPreheat(_) => ErrorCode::NameUnknown,
-            TrackerError::TooManyPreheats(_) => ErrorCode::Toomanyrequests,
+            TrackerError::TooManyPreheats(_) | TrackerError::OverShare(_) => {
+                ErrorCode::Toomanyrequests
+            }
             TrackerError::Manifest(_) | TrackerError::Timeout(_) => ErrorCode::Unavailable,
             TrackerError::Empty(_) => ErrorCode::SizeInvalid,
             TrackerError::Refused(_)

@@ -7,10 +7,12 @@
 //! The flight runs as its own task: a caller that hangs up does not cancel it for the others.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 
+use bay_common::api::{self, EarlyHolders};
 use bay_common::store::VerifyError;
 use bay_common::torrent::{BlobTorrent, TorrentBuilder};
 use bay_common::upstream::{Credentials, UpstreamClient};
@@ -51,34 +53,102 @@ pub struct Fetching {
     pub path: PathBuf,
     pub size: u64,
     pub progress: watch::Receiver<Progress>,
-    /// Pieces (of the torrent the blob will have) already sent to some proxy.
-    sent: Mutex<Vec<bool>>,
+    /// Per piece (of the torrent the blob will have): whether it went to some proxy early,
+    /// and that proxy's exchange address if it passes pieces on.
+    sent: Mutex<Vec<Option<Option<SocketAddr>>>>,
 }
 
 impl Fetching {
+    pub fn new(path: PathBuf, size: u64, progress: watch::Receiver<Progress>) -> Fetching {
+        let pieces = size.div_ceil(bay_common::torrent::piece_length_for(size) as u64);
+        Fetching {
+            path,
+            size,
+            progress,
+            sent: Mutex::new(vec![None; pieces as usize]),
+        }
+    }
+
     /// The torrent's piece length for this blob.
     pub fn piece_length(&self) -> u64 {
         bay_common::torrent::piece_length_for(self.size) as u64
     }
 
-    /// Of pieces `first..=last`, takes the first run not sent to anyone yet (at most up to
-    /// `last`) and marks it sent: each piece leaves early once, whoever asks. Proxies arrive
-    /// at different moments and their slices shrink as others arrive, so a slice often
-    /// covers bytes an earlier proxy read while it was still larger; those reach the late one
-    /// from its peers instead.
-    pub fn take_unsent(&self, first: u64, last: u64) -> Option<(u64, u64)> {
+    /// Of pieces `first..=last`, takes the first one not sent to anyone yet and marks it sent
+    /// to `holder` (an exchange address): each piece leaves early once, whoever asks, and the
+    /// others get it from that node. One piece per ask, so the nodes reading at once take
+    /// turns along the fetch and each has pieces to pass on while it runs.
+    pub fn take_unsent(&self, first: u64, last: u64, holder: Option<SocketAddr>) -> Take {
         let mut sent = self.sent.lock().expect("sent poisoned");
         let n = sent.len() as u64;
-        let from = (first..=last.min(n.saturating_sub(1))).find(|p| !sent[*p as usize])?;
-        let mut to = from;
-        while to < last && to + 1 < n && !sent[(to + 1) as usize] {
-            to += 1;
+        let Some(p) = (first..=last.min(n.saturating_sub(1))).find(|p| sent[*p as usize].is_none())
+        else {
+            return Take::NoneLeft;
+        };
+        if let Some(h) = holder
+            && over_share(&sent, h)
+        {
+            return Take::Wait;
         }
-        for p in from..=to {
-            sent[p as usize] = true;
-        }
-        Some((from, to))
+        sent[p as usize] = Some(holder);
+        Take::Piece(p)
     }
+
+    /// Which other node holds each piece sent early, for the node at `me`, from piece `from` on.
+    pub fn holders(&self, me: Option<SocketAddr>, from: u32) -> EarlyHolders {
+        let sent = self.sent.lock().expect("sent poisoned");
+        let mut out = EarlyHolders {
+            first: from.min(sent.len() as u32),
+            ..Default::default()
+        };
+        out.pieces = sent[out.first as usize..]
+            .iter()
+            .map(|s| match s {
+                None => api::NOT_SENT,
+                Some(Some(addr)) if Some(*addr) != me => {
+                    let i = match out.nodes.iter().position(|n| n == addr) {
+                        Some(i) => i,
+                        None => {
+                            out.nodes.push(*addr);
+                            out.nodes.len() - 1
+                        }
+                    };
+                    i as i32
+                }
+                Some(_) => api::NOT_PASSED_ON,
+            })
+            .collect();
+        out
+    }
+}
+
+/// What an early read gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    Piece(u64),
+    /// Every piece asked for went to some node.
+    NoneLeft,
+    /// The node holds more than its share of the pieces sent so far: others get the next ones.
+    Wait,
+}
+
+/// Whether `h` holds more than its share of the pieces sent to nodes that pass them on. Each
+/// node passes its pieces on to all the others, so one that took more than its share while
+/// the fetch runs (the nodes ask as fast as their links bring them pieces) needs more uplink
+/// than it has: in `bench/swarm.sh` one node with 22 % of the pieces kept 7 others waiting for
+/// 2 s after the fetch.
+fn over_share(sent: &[Option<Option<SocketAddr>>], h: SocketAddr) -> bool {
+    let mut nodes: Vec<(SocketAddr, u64)> = Vec::new();
+    for addr in sent.iter().flatten().flatten() {
+        match nodes.iter_mut().find(|(a, _)| a == addr) {
+            Some((_, n)) => *n += 1,
+            None => nodes.push((*addr, 1)),
+        }
+    }
+    let mine = nodes.iter().find(|(a, _)| *a == h).map_or(0, |(_, n)| *n);
+    let holders = nodes.len() as u64 + u64::from(mine == 0);
+    let total: u64 = nodes.iter().map(|(_, n)| n).sum();
+    mine >= total / holders + 2
 }
 
 /// Registers a fetch in [`Blobs::fetching`] for as long as it lives; a fetch dropped before it
@@ -106,13 +176,30 @@ impl Drop for FetchingGuard<'_> {
             }
             failed
         });
-        self.blobs
-            .fetching
-            .lock()
-            .expect("fetching poisoned")
-            .remove(&self.digest);
+        let mut map = self.blobs.fetching.lock().expect("fetching poisoned");
+        let Some(entry) = map.remove(&self.digest) else {
+            return;
+        };
+        // A verified fetch stays listed a moment, so proxies learn who holds the pieces sent
+        // last (no bytes are sent early any more: the file moved into the store).
+        if *self.progress.borrow() == Progress::Verified
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            map.insert(self.digest.clone(), entry.clone());
+            let (fetching, digest) = (self.blobs.fetching.clone(), self.digest.clone());
+            rt.spawn(async move {
+                tokio::time::sleep(LISTED_AFTER_FETCH).await;
+                let mut map = fetching.lock().expect("fetching poisoned");
+                if map.get(&digest).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+                    map.remove(&digest);
+                }
+            });
+        }
     }
 }
+
+/// How long a verified fetch stays listed for proxies asking who holds which piece.
+const LISTED_AFTER_FETCH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where a flight may get the blob from if it is not on disk.
 #[derive(Clone)]
@@ -130,7 +217,7 @@ pub struct Blobs {
     pub metrics: Arc<Metrics>,
     limits: UpstreamLimits,
     flights: Mutex<HashMap<Digest, Flight>>,
-    fetching: Mutex<HashMap<Digest, Arc<Fetching>>>,
+    fetching: Arc<Mutex<HashMap<Digest, Arc<Fetching>>>>,
 }
 
 impl Blobs {
@@ -149,7 +236,7 @@ impl Blobs {
             metrics,
             limits,
             flights: Mutex::default(),
-            fetching: Mutex::default(),
+            fetching: Arc::default(),
         }
     }
 
@@ -349,16 +436,7 @@ impl Blobs {
                     let (tx, rx) = watch::channel(Progress::Written(0));
                     self.fetching.lock().expect("fetching poisoned").insert(
                         digest.clone(),
-                        Arc::new(Fetching {
-                            path: tmp.clone(),
-                            size,
-                            progress: rx,
-                            sent: Mutex::new(vec![
-                                false;
-                                size.div_ceil(bay_common::torrent::piece_length_for(size) as u64)
-                                    as usize
-                            ]),
-                        }),
+                        Arc::new(Fetching::new(tmp.clone(), size, rx)),
                     );
                     Some(FetchingGuard {
                         blobs: self,
@@ -505,21 +583,87 @@ mod tests {
     fn each_piece_goes_out_early_once() {
         let size = 10 * 256 * 1024 + 5; // 11 pieces of 256 KiB, the last of 5 bytes
         let (_tx, rx) = watch::channel(Progress::Written(0));
-        let f = Fetching {
-            path: PathBuf::new(),
-            size,
-            progress: rx,
-            sent: Mutex::new(vec![false; 11]),
-        };
+        let f = Fetching::new(PathBuf::new(), size, rx);
         assert_eq!(f.piece_length(), 256 * 1024);
-        assert_eq!(f.take_unsent(2, 5), Some((2, 5)));
-        // An overlapping ask gets what is left after the pieces already sent, in one run.
-        assert_eq!(f.take_unsent(0, 7), Some((0, 1)));
-        assert_eq!(f.take_unsent(0, 7), Some((6, 7)));
-        assert_eq!(f.take_unsent(0, 7), None);
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:6883".parse().unwrap(),
+            "10.0.0.2:6883".parse().unwrap(),
+        );
+        assert_eq!(f.take_unsent(2, 5, Some(a)), Take::Piece(2));
+        // Whoever asks next gets the next piece not sent.
+        assert_eq!(f.take_unsent(0, 10, Some(b)), Take::Piece(0));
+        assert_eq!(f.take_unsent(0, 10, None), Take::Piece(1));
+        assert_eq!(f.take_unsent(2, 3, Some(a)), Take::Piece(3));
         // Asking past the end is cut to the last piece.
-        assert_eq!(f.take_unsent(9, 40), Some((9, 10)));
-        assert_eq!(f.take_unsent(8, 10), Some((8, 8)));
-        assert_eq!(f.take_unsent(0, 10), None);
+        assert_eq!(f.take_unsent(10, 40, Some(b)), Take::Piece(10));
+        for p in [4, 5, 6, 7] {
+            let who = if p % 2 == 0 { a } else { b };
+            assert_eq!(f.take_unsent(0, 10, Some(who)), Take::Piece(p));
+        }
+        // a holds 4 pieces, b 4: a third node may take them all, up to its share and 2 more.
+        let c: SocketAddr = "10.0.0.3:6883".parse().unwrap();
+        assert_eq!(f.take_unsent(0, 10, Some(c)), Take::Piece(8));
+        assert_eq!(f.take_unsent(0, 10, Some(c)), Take::Piece(9));
+        assert_eq!(f.take_unsent(0, 10, Some(a)), Take::NoneLeft);
+        for p in [8, 9] {
+            f.sent.lock().unwrap()[p] = Some(Some(a));
+        }
+        // Each node learns who holds what, without itself or nodes that pass nothing on.
+        let h = f.holders(Some(a), 0);
+        assert_eq!(h.nodes, vec![b]);
+        assert_eq!(h.pieces, vec![0, -2, -2, -2, -2, 0, -2, 0, -2, -2, 0]);
+        let h = f.holders(None, 0);
+        assert_eq!(h.holder(2), Some(a));
+        assert_eq!(h.holder(0), Some(b));
+        assert_eq!(h.holder(1), None);
+        assert_eq!(h.holder(11), None);
+        // From a piece on, indexed from there.
+        let h = f.holders(Some(b), 9);
+        assert_eq!((h.first, h.pieces.clone()), (9, vec![0, -2]));
+        assert_eq!(h.nodes, vec![a]);
+        assert_eq!(h.holder(9), Some(a));
+        assert_eq!(h.holder(2), None, "before `first`, nothing is known");
+        assert!(f.holders(None, 40).pieces.is_empty());
+    }
+
+    #[test]
+    fn a_node_over_its_share_waits_for_the_others() {
+        let (_tx, rx) = watch::channel(Progress::Written(0));
+        let f = Fetching::new(PathBuf::new(), 64 * 256 * 1024, rx);
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:6883".parse().unwrap(),
+            "10.0.0.2:6883".parse().unwrap(),
+        );
+        // Alone, a node takes every piece: its share is all of them.
+        for p in 0..5 {
+            assert_eq!(f.take_unsent(0, 63, Some(a)), Take::Piece(p));
+        }
+        // A second node arrives: a holds 5 of 6, 2 more than its share of 3.
+        assert_eq!(f.take_unsent(0, 63, Some(b)), Take::Piece(5));
+        assert_eq!(f.take_unsent(0, 63, Some(a)), Take::Wait);
+        assert_eq!(f.take_unsent(0, 63, Some(b)), Take::Piece(6));
+        assert_eq!(f.take_unsent(0, 63, Some(a)), Take::Wait);
+        assert_eq!(f.take_unsent(0, 63, Some(b)), Take::Piece(7));
+        // 5 of 8 is within 2 of a's share of 4.
+        assert_eq!(f.take_unsent(0, 63, Some(a)), Take::Piece(8));
+        // A node that passes nothing on is never held back, nor counted.
+        for p in 9..20 {
+            assert_eq!(f.take_unsent(0, 63, None), Take::Piece(p));
+        }
+        assert_eq!(f.take_unsent(0, 63, Some(a)), Take::Wait);
+    }
+
+    #[test]
+    fn the_first_unsent_piece_is_where_the_next_ask_starts() {
+        let (_tx, rx) = watch::channel(Progress::Written(0));
+        let f = Fetching::new(PathBuf::new(), 4 * 256 * 1024, rx);
+        let a: SocketAddr = "10.0.0.1:6883".parse().unwrap();
+        assert_eq!(f.holders(None, 0).first_unsent(), 0);
+        assert_eq!(f.take_unsent(0, 3, Some(a)), Take::Piece(0));
+        assert_eq!(f.take_unsent(0, 3, None), Take::Piece(1));
+        let h = f.holders(Some(a), 0);
+        assert_eq!(h.pieces, vec![-2, -2, -1, -1]);
+        assert_eq!(h.first_unsent(), 2);
+        assert_eq!(f.holders(Some(a), 2).first_unsent(), 2);
     }
 }

@@ -33,7 +33,7 @@ use futures::StreamExt as _;
 use tokio::sync::watch;
 
 use crate::error::TrackerError;
-use crate::fetch::{Blobs, Fetching, Progress};
+use crate::fetch::{Blobs, Fetching, Progress, Take};
 use crate::limit::Rate;
 use crate::metrics::Metrics;
 
@@ -124,14 +124,16 @@ impl Pieces {
     /// Answers `GET /v1/early/<registry>/<name>/blobs/<digest>` (checked by the caller): bytes of
     /// a blob still being fetched from upstream, each sent as soon as it is in the file, always
     /// as a 206 whose `Content-Range` says which part of the range asked for it is: the first
-    /// run of pieces in it that no proxy got early yet (416 if none is left). They are not
-    /// verified yet: a proxy only uses them once the torrent exists, checking each piece
-    /// against it. A fetch that fails cuts the response off.
+    /// piece in it that no proxy got early yet (416 if none is left), recorded as held by
+    /// `holder` (the caller's exchange address). They are not verified yet: a proxy only uses
+    /// them once the torrent exists, checking each piece against it. A fetch that fails cuts
+    /// the response off.
     pub fn early(
         self: &Arc<Self>,
         digest: &Digest,
         fetching: Arc<Fetching>,
         range: Option<&str>,
+        holder: Option<std::net::SocketAddr>,
     ) -> Result<Response, TrackerError> {
         let size = fetching.size;
         let r = match range {
@@ -142,24 +144,27 @@ impl Pieces {
                 end: size - 1,
             },
         };
-        // Only pieces no proxy got early yet, from the first of them in the range on.
-        let pl = fetching.piece_length();
-        let (first, last) = fetching
-            .take_unsent(r.start / pl, r.end / pl)
-            .ok_or_else(|| TrackerError::AlreadySent(digest.to_string()))?;
-        let r = ByteRange {
-            start: r.start.max(first * pl),
-            end: r.end.min((last + 1) * pl - 1),
-        };
-        let status = StatusCode::PARTIAL_CONTENT;
+        // Opened first: a piece is marked sent only if it can be sent. Once the fetch moved the
+        // file into the store, nothing more goes out early.
         let file = match std::fs::File::open(&fetching.path) {
             Ok(f) => f,
-            // Renamed into the store or removed: the fetch has just ended.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(TrackerError::NotFetching(digest.to_string()));
             }
             Err(e) => return Err(e.into()),
         };
+        // Only pieces no proxy got early yet, from the first of them in the range on.
+        let pl = fetching.piece_length();
+        let piece = match fetching.take_unsent(r.start / pl, r.end / pl, holder) {
+            Take::Piece(p) => p,
+            Take::NoneLeft => return Err(TrackerError::AlreadySent(digest.to_string())),
+            Take::Wait => return Err(TrackerError::OverShare(digest.to_string())),
+        };
+        let r = ByteRange {
+            start: r.start.max(piece * pl),
+            end: r.end.min((piece + 1) * pl - 1),
+        };
+        let status = StatusCode::PARTIAL_CONTENT;
         let reader = EarlyReader {
             file: Arc::new(file),
             progress: fetching.progress.clone(),

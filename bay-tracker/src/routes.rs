@@ -169,6 +169,10 @@ fn source_of(
 #[derive(serde::Deserialize)]
 struct EarlyQuery {
     port: Option<u16>,
+    /// The caller's exchange port (`bay_common::api::exchange_path`), if it passes pieces on.
+    exchange: Option<u16>,
+    /// The first piece whose holder the caller wants to know.
+    from: Option<u32>,
 }
 
 /// `GET /v1/early/<registry>/<name>/blobs/<digest>[/slot]` (`bay_common::api::early_path`).
@@ -179,7 +183,7 @@ async fn early(
     axum::extract::Query(q): axum::extract::Query<EarlyQuery>,
     headers: HeaderMap,
 ) -> Response {
-    match early_inner(&state, &path, q.port, &headers, conn).await {
+    match early_inner(&state, &path, q, &headers, conn).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -188,7 +192,7 @@ async fn early(
 async fn early_inner(
     state: &Arc<AppState>,
     path: &str,
-    port: Option<u16>,
+    q: EarlyQuery,
     headers: &HeaderMap,
     conn: bay_common::serve::Conn,
 ) -> Result<Response, ErrorResponse> {
@@ -208,11 +212,16 @@ async fn early_inner(
         .blobs
         .fetching(&digest)
         .ok_or_else(|| TrackerError::NotFetching(digest.to_string()))?;
+    let holder = q
+        .exchange
+        .filter(|p| *p != 0)
+        .map(|p| peer_addr(conn.remote, p));
     if !slot {
         let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-        return Ok(state.pieces.early(&digest, fetching, range)?);
+        return Ok(state.pieces.early(&digest, fetching, range, holder)?);
     }
-    let port = port
+    let port = q
+        .port
         .filter(|p| *p != 0)
         .ok_or_else(|| TrackerError::BadRequest("?port=1-65535 is required".into()))?;
     let slot = state
@@ -222,6 +231,7 @@ async fn early_inner(
     Ok(axum::Json(bay_common::api::EarlySlot {
         slot,
         size: fetching.size,
+        holders: fetching.holders(holder, q.from.unwrap_or(0)),
     })
     .into_response())
 }
