@@ -17,8 +17,6 @@ async fn text_logs_to_a_file_carry_no_colour_codes() {
         format!("{ip}:{port}"),
         "--peer-port".to_owned(),
         bay_tests::free_port(ip).to_string(),
-        "--exchange-port".to_owned(),
-        "0".to_owned(),
         "--data-dir".to_owned(),
         data.path().display().to_string(),
         "--upstream".to_owned(),
