@@ -586,4 +586,80 @@ mod tests {
         b.give(BUDGET);
         assert_eq!(b.used(), 0);
     }
+
+    #[test]
+    fn holders_are_learnt_piece_by_piece_and_asked_for_from_the_first_unsent() {
+        let mut got = Got {
+            shape: Some((6 * 256 * 1024, 256 * 1024)),
+            ..Default::default()
+        };
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:6883".parse().unwrap(),
+            "10.0.0.2:6883".parse().unwrap(),
+        );
+        let h = EarlyHolders {
+            nodes: vec![a, b],
+            first: 0,
+            pieces: vec![
+                0,
+                bay_common::api::NOT_PASSED_ON,
+                1,
+                bay_common::api::NOT_SENT,
+            ],
+        };
+        assert_eq!(got.learn(&h), vec![0, 2]);
+        assert_eq!(
+            got.known, 3,
+            "piece 3 is not sent yet: asked about from there"
+        );
+        assert_eq!(got.holders[..4], [Some(a), None, Some(b), None]);
+        // The next answer is about pieces 3 on; indices are its own.
+        let h = EarlyHolders {
+            nodes: vec![b],
+            first: 3,
+            pieces: vec![0, 0, 0],
+        };
+        assert_eq!(got.learn(&h), vec![3, 4, 5]);
+        assert_eq!(got.known, 6);
+        assert_eq!(
+            got.learn(&h),
+            Vec::<u32>::new(),
+            "nothing new the second time"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_piece_is_served_once_it_arrives_and_not_after_the_read_ends() {
+        let got = Arc::new(Mutex::new(Got::default()));
+        let arrived = Arc::new(Notify::new());
+        let holding = Holding {
+            got: got.clone(),
+            arrived: arrived.clone(),
+        };
+        let waiting = tokio::spawn({
+            let h = holding.clone();
+            async move { h.piece(2).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "served a piece that is not here");
+        got.lock()
+            .unwrap()
+            .pieces
+            .insert(2, Bytes::from_static(b"two"));
+        arrived.notify_waiters();
+        assert_eq!(waiting.await.unwrap().as_deref(), Some(&b"two"[..]));
+        // A piece that never comes: the read ends, and the waiter hears so at once.
+        let waiting = tokio::spawn({
+            let h = holding.clone();
+            async move { h.piece(3).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        got.lock().unwrap().closed = true;
+        arrived.notify_waiters();
+        let r = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert_eq!(
+            r.expect("still waiting after the read ended").unwrap(),
+            None
+        );
+    }
 }
