@@ -27,11 +27,11 @@ use tokio::net::TcpListener;
 use crate::blob::Blobs;
 use crate::error::{ProxyError, chain};
 
-/// Connecting to another node: they are on the same network, and one that cannot be reached
-/// soon leaves its pieces to the swarm.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Between reads of a piece's bytes; the serving node waits up to 3 s for the piece itself.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connecting to another node: they are on the same network; one that cannot be reached is
+/// left alone a moment (`crate::early`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between reads of a piece's bytes; the serving node waits up to 10 s for the piece itself.
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// This node's side of passing pieces on: its port, and the client that reads from others.
 pub struct Exchange {
@@ -71,7 +71,7 @@ impl Exchange {
     }
 
     /// Reads piece `p` (`want` bytes) of a blob from the node at `node`. An error starting with
-    /// "connect" means the node cannot be reached at all.
+    /// "answered" is the node's own answer (it does not hold the piece).
     pub async fn read(
         &self,
         node: SocketAddr,
@@ -81,13 +81,7 @@ impl Exchange {
         pool: &Arc<Pool>,
     ) -> Result<Bytes, String> {
         let url = format!("http://{node}{}", bay_common::api::exchange_path(digest, p));
-        let resp = self.client.get(url).send().await.map_err(|e| {
-            if e.is_connect() {
-                format!("connect: {}", chain(&e))
-            } else {
-                chain(&e)
-            }
-        })?;
+        let resp = self.client.get(url).send().await.map_err(|e| chain(&e))?;
         if resp.status() != reqwest::StatusCode::OK {
             return Err(format!("answered {}", resp.status()));
         }
