@@ -51,6 +51,9 @@ pub enum Progress {
 /// they got. Proxies read their slices from it before the torrent exists (`crate::pieces`).
 pub struct Fetching {
     pub path: PathBuf,
+    /// Where the blob is once verified: pieces nobody got while it was fetched still go out
+    /// early from there, for as long as the fetch stays listed.
+    pub stored: PathBuf,
     pub size: u64,
     pub progress: watch::Receiver<Progress>,
     /// Per piece (of the torrent the blob will have): whether it went to some proxy early,
@@ -59,10 +62,16 @@ pub struct Fetching {
 }
 
 impl Fetching {
-    pub fn new(path: PathBuf, size: u64, progress: watch::Receiver<Progress>) -> Fetching {
+    pub fn new(
+        path: PathBuf,
+        stored: PathBuf,
+        size: u64,
+        progress: watch::Receiver<Progress>,
+    ) -> Fetching {
         let pieces = size.div_ceil(bay_common::torrent::piece_length_for(size) as u64);
         Fetching {
             path,
+            stored,
             size,
             progress,
             sent: Mutex::new(vec![None; pieces as usize]),
@@ -436,7 +445,12 @@ impl Blobs {
                     let (tx, rx) = watch::channel(Progress::Written(0));
                     self.fetching.lock().expect("fetching poisoned").insert(
                         digest.clone(),
-                        Arc::new(Fetching::new(tmp.clone(), size, rx)),
+                        Arc::new(Fetching::new(
+                            tmp.clone(),
+                            self.store.blob_path(digest),
+                            size,
+                            rx,
+                        )),
                     );
                     Some(FetchingGuard {
                         blobs: self,
@@ -583,7 +597,7 @@ mod tests {
     fn each_piece_goes_out_early_once() {
         let size = 10 * 256 * 1024 + 5; // 11 pieces of 256 KiB, the last of 5 bytes
         let (_tx, rx) = watch::channel(Progress::Written(0));
-        let f = Fetching::new(PathBuf::new(), size, rx);
+        let f = Fetching::new(PathBuf::new(), PathBuf::new(), size, rx);
         assert_eq!(f.piece_length(), 256 * 1024);
         let (a, b): (SocketAddr, SocketAddr) = (
             "10.0.0.1:6883".parse().unwrap(),
@@ -629,7 +643,7 @@ mod tests {
     #[test]
     fn a_node_over_its_share_waits_for_the_others() {
         let (_tx, rx) = watch::channel(Progress::Written(0));
-        let f = Fetching::new(PathBuf::new(), 64 * 256 * 1024, rx);
+        let f = Fetching::new(PathBuf::new(), PathBuf::new(), 64 * 256 * 1024, rx);
         let (a, b): (SocketAddr, SocketAddr) = (
             "10.0.0.1:6883".parse().unwrap(),
             "10.0.0.2:6883".parse().unwrap(),
@@ -656,7 +670,7 @@ mod tests {
     #[test]
     fn the_first_unsent_piece_is_where_the_next_ask_starts() {
         let (_tx, rx) = watch::channel(Progress::Written(0));
-        let f = Fetching::new(PathBuf::new(), 4 * 256 * 1024, rx);
+        let f = Fetching::new(PathBuf::new(), PathBuf::new(), 4 * 256 * 1024, rx);
         let a: SocketAddr = "10.0.0.1:6883".parse().unwrap();
         assert_eq!(f.holders(None, 0).first_unsent(), 0);
         assert_eq!(f.take_unsent(0, 3, Some(a)), Take::Piece(0));

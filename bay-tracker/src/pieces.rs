@@ -144,14 +144,19 @@ impl Pieces {
                 end: size - 1,
             },
         };
-        // Opened first: a piece is marked sent only if it can be sent. Once the fetch moved the
-        // file into the store, nothing more goes out early.
-        let file = match std::fs::File::open(&fetching.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(TrackerError::NotFetching(digest.to_string()));
-            }
-            Err(e) => return Err(e.into()),
+        // Opened first: a piece is marked sent only if it can be sent. Once verified the blob
+        // is in the store: the pieces written last, in the moment before, may not have been
+        // asked for yet.
+        let open = |path: &std::path::Path| match std::fs::File::open(path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
+        let file = match open(&fetching.path)? {
+            Some(f) => f,
+            None if *fetching.progress.borrow() == Progress::Verified => open(&fetching.stored)?
+                .ok_or_else(|| TrackerError::NotFetching(digest.to_string()))?,
+            None => return Err(TrackerError::NotFetching(digest.to_string())),
         };
         // Only pieces no proxy got early yet, from the first of them in the range on.
         let pl = fetching.piece_length();
