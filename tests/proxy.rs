@@ -550,6 +550,36 @@ async fn a_cold_blob_is_read_early_and_passed_on_between_nodes() {
         passed_in <= passed_out,
         "{passed_in} bytes received from other nodes, {passed_out} sent to them"
     );
+    // The exchange port answers what it does not hold, or cannot parse, with registry errors.
+    let p = &proxies[0];
+    let port = p.exchange_port().expect("the proxy logs its exchange port");
+    let unknown = bay_common::Digest::sha256_of(b"no such blob").to_string();
+    for (path, status, code) in [
+        (
+            "/v1/exchange/sha256:zz/0",
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+        ),
+        (
+            &*format!("/v1/exchange/{unknown}/0"),
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+        ),
+        (
+            &*format!("/v1/exchange/{unknown}/x"),
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+        ),
+    ] {
+        let r = http_client()
+            .get(format!("http://{}:{port}{path}", p.ip()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], code, "{path}: {body}");
+    }
     // Without early reads nothing leaves the tracker before the fetch ends.
     assert!(
         early as f64 >= 0.5 * size,

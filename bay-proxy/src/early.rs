@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::exchange::Exchange;
+use crate::exchange::{Exchange, ExchangeError};
 use crate::trackers::{EarlyAnswer, Trackers};
 
 /// How long a torrent request may take before the node looks for a fetch to read from: a held
@@ -493,7 +493,7 @@ impl Reader {
             return;
         };
         let pl = piece_length_for(size) as u64;
-        let mut running: JoinSet<(SocketAddr, u32, Result<Bytes, String>)> = JoinSet::new();
+        let mut running: JoinSet<(SocketAddr, u32, Result<Bytes, ExchangeError>)> = JoinSet::new();
         let mut busy: HashSet<SocketAddr> = HashSet::new();
         let mut asked: HashMap<u32, SocketAddr> = HashMap::new();
         // Nodes that failed a request lately, until when: a congested link can delay a connect
@@ -567,11 +567,12 @@ impl Reader {
                     let again = tokio::time::Instant::now() + REST_AFTER_FAILURE;
                     // A node that answered does not hold the piece (yet): asked again later.
                     // One that did not is left alone a moment.
-                    if e.starts_with("answered") {
-                        retry_at.insert(p, again);
-                    } else {
-                        resting.insert(node, again);
-                    }
+                    match e {
+                        ExchangeError::NotHeld(_) => retry_at.insert(p, again),
+                        ExchangeError::Unreachable(_) | ExchangeError::Bad(_) => {
+                            resting.insert(node, again)
+                        }
+                    };
                     self.got.lock().expect("poisoned").failed += 1;
                     self.give_back(pl);
                 }

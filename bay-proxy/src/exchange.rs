@@ -33,6 +33,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Between reads of a piece's bytes; the serving node waits up to 10 s for the piece itself.
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Why a piece could not be read from another node.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The node answered: it does not hold the piece (yet).
+    #[error("answered {0}")]
+    NotHeld(reqwest::StatusCode),
+    /// The node could not be reached, or its answer broke off.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The node sent something other than the piece.
+    #[error("{0}")]
+    Bad(String),
+}
+
 /// This node's side of passing pieces on: its port, and the client that reads from others.
 pub struct Exchange {
     port: u16,
@@ -70,8 +84,7 @@ impl Exchange {
         self.port
     }
 
-    /// Reads piece `p` (`want` bytes) of a blob from the node at `node`. An error starting with
-    /// "answered" is the node's own answer (it does not hold the piece).
+    /// Reads piece `p` (`want` bytes) of a blob from the node at `node`.
     pub async fn read(
         &self,
         node: SocketAddr,
@@ -79,13 +92,20 @@ impl Exchange {
         p: u32,
         want: usize,
         pool: &Arc<Pool>,
-    ) -> Result<Bytes, String> {
+    ) -> Result<Bytes, ExchangeError> {
         let url = format!("http://{node}{}", bay_common::api::exchange_path(digest, p));
-        let resp = self.client.get(url).send().await.map_err(|e| chain(&e))?;
+        let resp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| ExchangeError::Unreachable(chain(&e)))?;
         if resp.status() != reqwest::StatusCode::OK {
-            return Err(format!("answered {}", resp.status()));
+            return Err(ExchangeError::NotHeld(resp.status()));
         }
-        crate::early::fill(resp, want, pool).await
+        crate::early::fill(resp, want, pool)
+            .await
+            .map_err(ExchangeError::Bad)
     }
 
     /// Counts bytes read from other nodes.
