@@ -484,27 +484,28 @@ async fn a_blob_a_client_stream_verified_is_not_hashed_again() {
     );
 }
 
-/// Cold, the proxies read pieces while the tracker still fetches the blob from upstream
-/// (`bay-proxy/src/early.rs`), each piece going to one of them, and pass them on between them
-/// (`bay-proxy/src/exchange.rs`): what they read early is not read from the tracker again, each
-/// byte leaves the tracker about once, and most of the blob crosses between the nodes before
-/// the torrent exists. Upstream is held to 1 MiB/s, so the fetch takes 8 s and the reads have
-/// time to run.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_cold_blob_is_read_early_and_passed_on_between_nodes() {
-    let c = cluster(&[8 << 20], &["--upstream-rate", "1M"]).await;
-    let layer = c.image.layers[0].clone();
-    let trackers = [c.tracker.url()];
+/// Proxies that wait 30 s for a stalled swarm rather than 5 (the tests that hold upstream to
+/// 1 MiB/s must not fall back while it fetches).
+async fn patient_proxies(c: &Cluster, n: usize) -> Vec<Proxy> {
     let mut proxies = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..n {
         proxies.push(
-            Proxy::start(&trackers, &c.registry.url(), &["--stall-timeout", "30"])
-                .await
-                .unwrap(),
+            Proxy::start(
+                &[c.tracker.url()],
+                &c.registry.url(),
+                &["--stall-timeout", "30"],
+            )
+            .await
+            .unwrap(),
         );
     }
-    let pulls = proxies.iter().map(|p| {
-        let url = format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest);
+    proxies
+}
+
+/// Every proxy GETs the blob at once; the digests of what each client got.
+async fn pull_blob_everywhere(proxies: &[Proxy], digest: &str) -> Vec<String> {
+    futures::future::join_all(proxies.iter().map(|p| {
+        let url = format!("{}/v2/test/img/blobs/{digest}", p.url());
         async move {
             let r = http_client()
                 .get(url)
@@ -515,8 +516,22 @@ async fn a_cold_blob_is_read_early_and_passed_on_between_nodes() {
             assert_eq!(r.status(), StatusCode::OK);
             bay_common::Digest::sha256_of(&r.bytes().await.unwrap()).to_string()
         }
-    });
-    for digest in futures::future::join_all(pulls).await {
+    }))
+    .await
+}
+
+/// Cold, the proxies read pieces while the tracker still fetches the blob from upstream
+/// (`bay-proxy/src/early.rs`), each piece going to one of them, and pass them on between them
+/// (`bay-proxy/src/exchange.rs`): what they read early is not read from the tracker again, each
+/// byte leaves the tracker about once, and most of the blob crosses between the nodes before
+/// the torrent exists. Upstream is held to 1 MiB/s, so the fetch takes 8 s and the reads have
+/// time to run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_blob_is_read_early_and_passed_on_between_nodes() {
+    let c = cluster(&[8 << 20], &["--upstream-rate", "1M"]).await;
+    let layer = c.image.layers[0].clone();
+    let proxies = patient_proxies(&c, 4).await;
+    for digest in pull_blob_everywhere(&proxies, &layer.digest).await {
         assert_eq!(digest, layer.digest);
     }
     let (mut from_tracker, mut passed_in, mut passed_out) = (0, 0, 0);
@@ -601,15 +616,7 @@ async fn a_cold_blob_is_read_early_and_passed_on_between_nodes() {
 async fn a_node_passing_on_wrong_bytes_early_costs_time_not_correctness() {
     let c = cluster(&[8 << 20], &["--upstream-rate", "1M"]).await;
     let layer = c.image.layers[0].clone();
-    let trackers = [c.tracker.url()];
-    let mut proxies = Vec::new();
-    for _ in 0..3 {
-        proxies.push(
-            Proxy::start(&trackers, &c.registry.url(), &["--stall-timeout", "30"])
-                .await
-                .unwrap(),
-        );
-    }
+    let proxies = patient_proxies(&c, 3).await;
     let liar = Liar::start(layer.size).await;
     let early = format!(
         "{}/v1/early/{}/test/img/blobs/{}",
@@ -618,19 +625,7 @@ async fn a_node_passing_on_wrong_bytes_early_costs_time_not_correctness() {
         layer.digest
     );
     let lying = liar.take_pieces(early, layer.size);
-    let pulls = futures::future::join_all(proxies.iter().map(|p| {
-        let url = format!("{}/v2/test/img/blobs/{}", p.url(), layer.digest);
-        async move {
-            let r = http_client()
-                .get(url)
-                .timeout(Duration::from_secs(120))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::OK);
-            bay_common::Digest::sha256_of(&r.bytes().await.unwrap()).to_string()
-        }
-    }));
+    let pulls = pull_blob_everywhere(&proxies, &layer.digest);
     let (taken, digests) = tokio::join!(lying, pulls);
     for d in digests {
         assert_eq!(d, layer.digest, "a client got a wrong blob");
