@@ -531,8 +531,9 @@ impl Reader {
                 if wanted.is_empty() && running.is_empty() && got.fetch_over {
                     return; // every piece some node got is here, or could not be had
                 }
+                let reserve = got.own_reserve();
                 for (node, p) in wanted {
-                    if running.len() >= GATHER_AT_ONCE || !self.budget.take(pl, got.own_reserve()) {
+                    if running.len() >= GATHER_AT_ONCE || !self.budget.take(pl, reserve) {
                         break;
                     }
                     got.bytes += pl;

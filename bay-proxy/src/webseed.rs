@@ -542,14 +542,8 @@ impl WebSeed {
     /// Offers pieces read before the torrent existed (`crate::early`), as pieces read from a
     /// tracker: librqbit checks them.
     pub fn preload(&self, pieces: Vec<(u32, Bytes)>) {
-        let n = self.inner.torrent.piece_count() as u32;
         for (p, data) in pieces {
-            if p < n {
-                let len = data.len() as u64;
-                self.inner.read.fetch_add(len, Ordering::Relaxed);
-                self.inner.verified.fetch_add(len, Ordering::Relaxed);
-                self.inner.offer(p, data);
-            }
+            self.inner.offer_early(p, data);
         }
     }
 
@@ -561,23 +555,19 @@ impl WebSeed {
         let elsewhere = inner.clone();
         crate::early::Sink {
             piece: Arc::new(move |p, data: Bytes, from_node| {
-                if let Some(inner) = inner.upgrade()
-                    && p < inner.torrent.piece_count() as u32
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                // Once librqbit refused a piece of ours, a node's pieces are checked here.
+                if inner.checking.load(Ordering::Relaxed)
+                    && !inner.torrent.piece_matches(p as usize, &data)
                 {
-                    // Once librqbit refused a piece of ours, a node's pieces are checked here.
-                    if inner.checking.load(Ordering::Relaxed)
-                        && !inner.torrent.piece_matches(p as usize, &data)
-                    {
-                        tracing::warn!(piece = p, "a node passed on a wrong piece; dropped");
-                        return;
-                    }
-                    let len = data.len() as u64;
-                    if from_node {
-                        from_nodes.fetch_add(len, Ordering::Relaxed);
-                    }
-                    inner.read.fetch_add(len, Ordering::Relaxed);
-                    inner.verified.fetch_add(len, Ordering::Relaxed);
-                    inner.offer(p, data);
+                    tracing::warn!(piece = p, "a node passed on a wrong piece; dropped");
+                    return;
+                }
+                let len = data.len() as u64;
+                if inner.offer_early(p, data) && from_node {
+                    from_nodes.fetch_add(len, Ordering::Relaxed);
                 }
             }),
             elsewhere: Arc::new(move |pieces: &[u32]| {
@@ -652,6 +642,19 @@ impl WebSeed {
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("web seed state poisoned")
+    }
+
+    /// Offers a piece read before the torrent existed, counted as read from a tracker; false
+    /// if the torrent has no such piece.
+    fn offer_early(&self, p: u32, data: Bytes) -> bool {
+        if p >= self.torrent.piece_count() as u32 {
+            return false;
+        }
+        let len = data.len() as u64;
+        self.read.fetch_add(len, Ordering::Relaxed);
+        self.verified.fetch_add(len, Ordering::Relaxed);
+        self.offer(p, data);
+        true
     }
 
     fn leave_to_peers(&self, pieces: &[u32]) {
