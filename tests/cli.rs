@@ -36,6 +36,7 @@ fn bad_flags_name_the_value() {
     fails_naming("bay-proxy", &["--stall-timeout", "soon"], "soon");
     fails_naming("bay-proxy", &["--upstream-timeout", "0"], "\"0\"");
     fails_naming("bay-tracker", &["--upstream-timeout", "later"], "later");
+    fails_naming("bay-tracker", &["--tcp-congestion", "cu-bic"], "cu-bic");
     fails_naming("bay-proxy", &["--log-format", "xml"], "xml");
     fails_naming("bay-proxy", &["--tracker", "not a url"], "not a url");
     let dir = tempfile::tempdir().unwrap();

@@ -50,9 +50,31 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
+/// Parses a TCP congestion control name (`cubic`, `reno`, `bbr`): what the kernel's
+/// `TCP_CONGESTION` takes, letters, digits and `_`, at most 15 of them.
+pub fn parse_congestion(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.len() > 15 || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "{s:?} is not a TCP congestion control name (like cubic or reno)"
+        ));
+    }
+    Ok(t.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn congestion_names() {
+        assert_eq!(parse_congestion(" cubic ").unwrap(), "cubic");
+        assert_eq!(parse_congestion("").unwrap(), "");
+        for bad in ["cu-bic", "a b", "sixteen_letters_", "bbr;rm"] {
+            let e = parse_congestion(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
 
     #[test]
     fn seconds() {

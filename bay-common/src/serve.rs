@@ -26,6 +26,46 @@ pub struct Conn {
     pub local: SocketAddr,
 }
 
+/// Gives the connections `listener` accepts the first TCP congestion control of `names` the
+/// kernel lets this process use (an accepted socket keeps its listener's); the one chosen,
+/// None if `names` is empty (the system's default stays). Unprivileged processes may use only
+/// what `net.ipv4.tcp_allowed_congestion_control` lists, which always has `reno`.
+pub fn set_congestion_control(
+    listener: &TcpListener,
+    names: &[String],
+) -> Result<Option<String>, String> {
+    let names: Vec<&str> = names
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let mut failed = Vec::new();
+    for name in &names {
+        match set_one(listener, name) {
+            Ok(()) => return Ok(Some((*name).to_owned())),
+            Err(e) => failed.push(format!("{name}: {e}")),
+        }
+    }
+    if names.is_empty() {
+        Ok(None)
+    } else {
+        Err(format!(
+            "no TCP congestion control of {names:?} can be used ({})",
+            failed.join("; ")
+        ))
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_one(listener: &TcpListener, name: &str) -> std::io::Result<()> {
+    socket2::SockRef::from(listener).set_tcp_congestion(name.as_bytes())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_one(_: &TcpListener, _: &str) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets requests
 /// in flight finish for up to `drain`, and cuts what is left.
 ///
@@ -112,6 +152,40 @@ mod tests {
     use super::*;
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The congestion control the connection accepted on `listener` from a fresh client uses.
+    async fn accepted_congestion(listener: &TcpListener) -> String {
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (accepted, _client) = tokio::join!(listener.accept(), client);
+        let (stream, _) = accepted.unwrap();
+        let name = socket2::SockRef::from(&stream).tcp_congestion().unwrap();
+        String::from_utf8_lossy(&name)
+            .trim_end_matches('\0')
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_get_the_first_congestion_control_the_kernel_takes() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let system = accepted_congestion(&listener).await;
+        assert_eq!(set_congestion_control(&listener, &[]).unwrap(), None);
+        assert_eq!(
+            set_congestion_control(&listener, &names(&[" "])).unwrap(),
+            None
+        );
+        assert_eq!(accepted_congestion(&listener).await, system);
+
+        // reno is built into every Linux kernel and allowed to every process.
+        let chosen = set_congestion_control(&listener, &names(&["no_such_cc", "reno"])).unwrap();
+        assert_eq!(chosen.as_deref(), Some("reno"));
+        assert_eq!(accepted_congestion(&listener).await, "reno");
+
+        let err = set_congestion_control(&listener, &names(&["no_such_cc"])).unwrap_err();
+        assert!(err.contains("no_such_cc"), "{err}");
+        // A failed choice leaves the last one in place.
+        assert_eq!(accepted_congestion(&listener).await, "reno");
+    }
 
     #[tokio::test]
     async fn slow_headers_oversized_requests_and_conn_info() {

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use bay_common::Registry;
-use bay_common::flags::{parse_registry, parse_seconds, parse_size};
+use bay_common::flags::{parse_congestion, parse_registry, parse_seconds, parse_size};
 use bay_common::logging::LogFormat;
 use clap::Parser;
 
@@ -67,6 +67,15 @@ pub struct Config {
     /// NO_COLOR is set. The level filter is RUST_LOG (default info).
     #[arg(long, env = "BAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// TCP congestion control of the connections the tracker serves, the first of these the
+    /// kernel accepts (comma-separated; empty keeps the system's). Every first copy of a piece
+    /// leaves through the tracker's uplink, and loss-based control wastes less of it: with BBR
+    /// it resent 4-9 % of its segments in the shaped benchmark, under 3 % with CUBIC. Without
+    /// CAP_NET_ADMIN only what net.ipv4.tcp_allowed_congestion_control lists can be used;
+    /// reno always can.
+    #[arg(long, env = "BAY_TCP_CONGESTION", default_value = "cubic,reno", value_delimiter = ',', value_parser = parse_congestion)]
+    pub tcp_congestion: Vec<String>,
 
     /// Seconds any wait on an upstream registry may take: connecting, a HEAD, the first byte of
     /// an answer, each read of a blob's body. A registry that accepts and then hangs costs a
@@ -131,6 +140,11 @@ mod tests {
         assert_eq!(d.listen.port(), 6880);
         assert_eq!(d.peer_port, 6881);
         assert_eq!((d.upstream_concurrency, d.upstream_rate), (16, None));
+        assert_eq!(d.tcp_congestion, ["cubic", "reno"]);
+        let c = Config::parse_from(["bay-tracker", "--tcp-congestion", "bbr,reno"]);
+        assert_eq!(c.tcp_congestion, ["bbr", "reno"]);
+        let c = Config::parse_from(["bay-tracker", "--tcp-congestion", ""]);
+        assert!(c.tcp_congestion.iter().all(|n| n.is_empty()));
         let c = Config::parse_from(["bay-tracker", "--upstream-rate", "10M"]);
         assert_eq!(c.upstream_rate, Some(10 << 20));
         assert!(Config::try_parse_from(["bay-tracker", "--upstream-rate", "fast"]).is_err());

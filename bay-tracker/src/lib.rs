@@ -30,6 +30,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let congestion = bay_common::serve::set_congestion_control(&listener, &config.tcp_congestion)
+        .map_err(|e| anyhow::anyhow!("--tcp-congestion: {e}"))?
+        .unwrap_or_else(|| "the host's".into());
     let store = Arc::new(
         bay_common::store::Store::open(&config.data_dir, config.cache_size)
             .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
@@ -74,6 +77,7 @@ pub async fn run(
         peers = ?seeder.listen_addr(),
         upstreams = ?config.upstreams.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
         announce = %config.announce_url(),
+        tcp_congestion = %congestion,
         "bay-tracker listening"
     );
 
