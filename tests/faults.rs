@@ -774,7 +774,7 @@ async fn upstream_sending_wrong_bytes_while_proxies_read_early() {
 
 /// 3b. Upstream sends a quarter of the blob and then nothing, forever. While it hangs the
 /// client has no complete blob, nothing is cached, and the proxy still answers other requests.
-/// (How long until the hang surfaces as an error: `upstream_hanging_times_out`, ignored.)
+/// (How long until the hang surfaces as an error: `upstream_hanging_times_out`.)
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_hanging_never_delivers_or_caches() {
     let _serial = serial().await;
