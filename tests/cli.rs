@@ -53,6 +53,19 @@ fn bad_flags_name_the_value() {
         ],
         "ghcr.io",
     );
+    // A well-formed name the kernel does not have fails at start, before anything is served.
+    fails_naming(
+        "bay-tracker",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--tcp-congestion",
+            "no_such_cc",
+        ],
+        "no_such_cc",
+    );
 }
 
 #[test]

@@ -43,7 +43,7 @@ pub fn set_congestion_control(
     for name in &names {
         match set_one(listener, name) {
             Ok(()) => return Ok(Some((*name).to_owned())),
-            Err(e) => failed.push(format!("{name}: {e}")),
+            Err(e) => failed.push(format!("{name}: {}", congestion_error(&e))),
         }
     }
     if names.is_empty() {
@@ -53,6 +53,17 @@ pub fn set_congestion_control(
             "no TCP congestion control of {names:?} can be used ({})",
             failed.join("; ")
         ))
+    }
+}
+
+/// Says what the kernel's answer means for this choice.
+fn congestion_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "this kernel has no such congestion control".into(),
+        std::io::ErrorKind::PermissionDenied => "not in net.ipv4.tcp_allowed_congestion_control \
+             (add it there, or give the process CAP_NET_ADMIN)"
+            .into(),
+        _ => e.to_string(),
     }
 }
 
