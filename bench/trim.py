@@ -43,14 +43,14 @@ def trim(run: Path, plot: bool, series: bool, curves: bool) -> None:
         if md.exists():
             lines = md.read_text().splitlines(keepends=True)
             md.write_text("".join(line for line in lines if not line.startswith("Plot: [cdf.png]")))
-    if not curves:
-        for mode in (data.get("modes") or {}).values():
-            for node in ((mode.get("progress") or {}).get("nodes") or []) if isinstance(mode, dict) else []:
+    for mode in (data.get("modes") or {}).values():
+        if not isinstance(mode, dict):
+            continue
+        if not plot or not series:
+            mode.pop("series", None)
+        if not curves:
+            for node in (mode.get("progress") or {}).get("nodes") or []:
                 node.pop("curve", None)
-    if not plot or not series:
-        for mode in (data.get("modes") or {}).values():
-            if isinstance(mode, dict):
-                mode.pop("series", None)
     results.write_text(json.dumps(data, separators=(",", ":")) + "\n")
     print(f"{run}: {before / 1024:.0f} KiB -> {size(run) / 1024:.0f} KiB")
 
