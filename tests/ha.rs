@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use bay_proxy::trackers::rendezvous;
-use bay_tests::{Image, Proxy, Registry, RegistryOptions, Tracker, sha256_file, skopeo_pull};
+use bay_tests::{
+    Image, Proxy, Registry, RegistryOptions, Scrape, Tracker, sha256_file, skopeo_pull,
+};
 
 const LINK: &str = "8M";
 
@@ -143,6 +145,85 @@ async fn pulls_survive_losing_the_owning_tracker() {
     // The proxies wait for the next tracker to seed the layer rather than each going upstream:
     // at most one of them may have (the second upstream GET allowed above).
     assert!(fallbacks <= 1, "{fallbacks} fallbacks to upstream");
+}
+
+/// The owner dies while it is still fetching a layer from upstream (2 MiB/s here, so the
+/// 16 MiB fetch takes 8 s). What it had fetched went to the proxies early, piece by piece; their
+/// requests to the other tracker offer those pieces, and its fetch reads them back from the
+/// proxies and asks upstream only for the rest. Without that, upstream sent the layer once
+/// and a half (the dead tracker's half, then all of it again).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tracker_killed_mid_fetch_leaves_what_it_fetched_to_the_next_one() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let mut trackers = [
+        Tracker::start(&[registry.url()], &["--upstream-rate", "2M"])
+            .await
+            .unwrap(),
+        Tracker::start(&[registry.url()], &["--upstream-rate", "2M"])
+            .await
+            .unwrap(),
+    ];
+    let urls: Vec<String> = trackers.iter().map(|t| t.url()).collect();
+    let image = Image::generate(&[16 << 20], 41).unwrap();
+    image.push(&registry, "ha/midfetch:1", None).await.unwrap();
+    let layer = image.layers[0].clone();
+    let victim = owner(&urls, &layer.digest);
+    let survivor = 1 - victim;
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        proxies.push(Proxy::start(&urls, &registry.url(), &[]).await.unwrap());
+    }
+    let pulls = pull_all(&proxies, &image, "ha/midfetch:1");
+    let killer = async {
+        // The registry logs a GET only once it is answered: the owner's own count says how
+        // far its fetch got. Killed at 40 %, with the pieces sent on early.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let fetched = Scrape::of(&trackers[victim].url())
+                .await
+                .map_or(0.0, |s| s.value("bay_upstream_bytes_total"));
+            if fetched >= 0.4 * layer.size as f64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the owner fetched only {fetched} bytes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        trackers[victim].kill();
+    };
+    tokio::join!(pulls, killer);
+
+    let scrape = Scrape::of(&trackers[survivor].url()).await.unwrap();
+    let from_nodes = scrape.value("bay_node_bytes_total") as u64;
+    // Of this layer and the config blob.
+    let from_upstream = scrape.value("bay_upstream_bytes_total") as u64;
+    // What the registry wrote for each GET of the layer. The dead owner's count includes what
+    // sat in its socket's receive buffer, unread under `--upstream-rate`.
+    let gets: Vec<(u16, u64)> = registry
+        .access_log()
+        .into_iter()
+        .filter(|e| e.method == "GET" && e.uri.ends_with(&layer.digest))
+        .map(|e| (e.status, e.bytes))
+        .collect();
+    let mut fallbacks = 0;
+    for p in &proxies {
+        fallbacks += p.stats().await.unwrap()["fallbacks"].as_u64().unwrap();
+    }
+    eprintln!(
+        "16 MiB layer, owner killed 40 % into its 8 s fetch: the next tracker read {from_nodes} \
+         bytes from the proxies and {from_upstream} from upstream; the registry's GETs of the \
+         layer (status, bytes): {gets:?}; fallbacks {fallbacks}"
+    );
+    assert!(
+        from_nodes >= layer.size * 3 / 10,
+        "the next tracker took only {from_nodes} bytes from the proxies: {}",
+        trackers[survivor].log_text()
+    );
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[1], (206, layer.size - from_nodes));
+    assert_eq!(fallbacks, 0);
 }
 
 /// A tracker that comes back empty (restarted without its volume, or after the next tracker

@@ -658,3 +658,210 @@ fn compact_peer_ports(answer: &[u8]) -> Vec<u16> {
         .map(|p| u16::from_be_bytes([p[4], p[5]]))
         .collect()
 }
+
+/// A node on its own loopback address that holds pieces of a blob from an early read and
+/// serves them on its exchange port, right or all wrong; counts what it served.
+struct Node {
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    async fn start(blob: Vec<u8>, held: std::ops::RangeInclusive<u64>, wrong: bool) -> Node {
+        use axum::extract::Path;
+        use std::sync::atomic::Ordering;
+        let ip = bay_tests::loopback_ip();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = served.clone();
+        let blob = std::sync::Arc::new(blob);
+        let pl = bay_common::torrent::piece_length_for(blob.len() as u64) as u64;
+        let app = axum::Router::new().route(
+            "/v1/exchange/{digest}/{piece}",
+            axum::routing::get(move |Path((_, p)): Path<(String, u64)>| {
+                let (counted, blob, held) = (counted.clone(), blob.clone(), held.clone());
+                async move {
+                    if !held.contains(&p) {
+                        return Err(StatusCode::NOT_FOUND);
+                    }
+                    let start = (p * pl) as usize;
+                    let end = (start + pl as usize).min(blob.len());
+                    counted.fetch_add((end - start) as u64, Ordering::Relaxed);
+                    let mut data = blob[start..end].to_vec();
+                    if wrong {
+                        data.iter_mut().for_each(|b| *b = !*b);
+                    }
+                    Ok(data)
+                }
+            }),
+        );
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Node {
+            ip,
+            port,
+            served,
+            server,
+        }
+    }
+
+    /// A client whose requests come from the node's address, as its proxy's would.
+    fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::V4(self.ip))
+            .no_proxy()
+            .build()
+            .unwrap()
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A tracker fetching a blob that nodes already hold part of (its first tracker died
+/// mid-fetch) reads the pieces they offer from them and asks upstream, docker-registry here,
+/// only for the rest: upstream sends the blob's tail once, in a 206.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fetch_takes_the_pieces_nodes_offer_and_only_the_rest_from_upstream() {
+    let (registry, image, tracker) = setup(&[8 << 20], &[]).await;
+    let layer = &image.layers[0];
+    let blob = image.blob_bytes(&layer.digest).unwrap();
+    let pl = bay_common::torrent::piece_length_for(layer.size) as u64;
+    // Two nodes: one holds pieces 0-11, the other 8-19 (a node that offers nothing it holds
+    // costs a request; pieces both hold are read from either).
+    let a = Node::start(blob.clone(), 0..=11, false).await;
+    let b = Node::start(blob.clone(), 8..=19, false).await;
+    let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
+
+    // A malformed offer is refused with the offending value, and fetches nothing.
+    let r = a
+        .client()
+        .get(format!(
+            "{url}?exchange={}&size={}&held=5-2",
+            a.port, layer.size
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("held=5-2"), "{body}");
+    assert_eq!(registry.blob_gets(&layer.digest), 0);
+
+    // An offer without the blob's first piece is of no use: upstream sends it all.
+    let r = b
+        .client()
+        .get(format!(
+            "{url}?exchange={}&size={}&held=8-19",
+            b.port, layer.size
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", tracker.log_text());
+    let (sent, statuses) = registry.blob_bytes_sent(&layer.digest);
+    assert_eq!(sent, layer.size);
+    assert_eq!(statuses, vec![200]);
+    assert_eq!(b.served(), 0);
+    drop(tracker);
+
+    // A fresh tracker, as after the first died mid-fetch: a's request starts the fetch, b's
+    // joins it a moment later, and the fetch reads what either holds, in order.
+    let tracker = Tracker::start(&[registry.url()], &[]).await.unwrap();
+    let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
+    let (ra, rb) = tokio::join!(
+        a.client()
+            .get(format!(
+                "{url}?exchange={}&size={}&held=0-11",
+                a.port, layer.size
+            ))
+            .send(),
+        async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            b.client()
+                .get(format!(
+                    "{url}?exchange={}&size={}&held=8-19",
+                    b.port, layer.size
+                ))
+                .send()
+                .await
+        }
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.status(), StatusCode::OK, "{}", tracker.log_text());
+    let torrent = BlobTorrent::from_metainfo(&ra.bytes().await.unwrap()).unwrap();
+    let rb = BlobTorrent::from_metainfo(&rb.bytes().await.unwrap()).unwrap();
+    let right = BlobTorrent::from_bytes(layer.digest.parse().unwrap(), &blob).unwrap();
+    assert_eq!(torrent.info_hash(), right.info_hash());
+    assert_eq!(rb.info_hash(), right.info_hash());
+    let kept = tracker.data_dir().join("blobs").join(torrent.file_name());
+    assert_eq!(sha256_file(&kept).unwrap(), layer.digest);
+
+    let scrape = bay_tests::Scrape::of(&tracker.url()).await.unwrap();
+    let from_nodes = scrape.value("bay_node_bytes_total") as u64;
+    let from_upstream = scrape.value("bay_upstream_bytes_total") as u64;
+    let (sent, statuses) = registry.blob_bytes_sent(&layer.digest);
+    eprintln!(
+        "from nodes {from_nodes} (a {}, b {}), from upstream {from_upstream}, registry sent {sent} in {statuses:?}",
+        a.served(),
+        b.served()
+    );
+    assert!(
+        from_nodes >= 12 * pl,
+        "the tracker took only {from_nodes} bytes from the nodes: {}",
+        tracker.log_text()
+    );
+    assert_eq!(a.served() + b.served(), from_nodes);
+    assert!(b.served() > 0, "b's offer was never used");
+    assert_eq!(from_nodes + from_upstream, layer.size);
+    // Upstream's own count: the first tracker's whole fetch, then this one's tail in a 206.
+    assert_eq!(statuses, vec![200, 206]);
+    assert_eq!(sent, layer.size + from_upstream);
+}
+
+/// Nodes that offer wrong bytes cost a second fetch, never a wrong blob: the digest catches
+/// them and upstream sends the whole blob again.
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_bytes_nodes_offer_are_caught_and_the_blob_fetched_again() {
+    let (registry, image, tracker) = setup(&[4 << 20], &[]).await;
+    let layer = &image.layers[0];
+    let blob = image.blob_bytes(&layer.digest).unwrap();
+    let liar = Node::start(blob.clone(), 0..=7, true).await;
+    let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
+    let r = liar
+        .client()
+        .get(format!(
+            "{url}?exchange={}&size={}&held=0-7",
+            liar.port, layer.size
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", tracker.log_text());
+    let torrent = BlobTorrent::from_metainfo(&r.bytes().await.unwrap()).unwrap();
+    let right = BlobTorrent::from_bytes(layer.digest.parse().unwrap(), &blob).unwrap();
+    assert_eq!(torrent.info_hash(), right.info_hash());
+    let kept = tracker.data_dir().join("blobs").join(torrent.file_name());
+    assert_eq!(sha256_file(&kept).unwrap(), layer.digest);
+    let pl = bay_common::torrent::piece_length_for(layer.size) as u64;
+    assert_eq!(liar.served(), 8 * pl, "the offered pieces were never read");
+    let (sent, statuses) = registry.blob_bytes_sent(&layer.digest);
+    assert_eq!(statuses, vec![206, 200]);
+    assert_eq!(sent, layer.size - 8 * pl + layer.size);
+    assert!(
+        tracker.log_text().contains("failed its check"),
+        "{}",
+        tracker.log_text()
+    );
+}

@@ -98,6 +98,99 @@ pub fn exchange_path(digest: &Digest, piece: u32) -> String {
     format!("/v1/exchange/{digest}/{piece}")
 }
 
+/// Pieces of a blob a node holds from an early read, offered with a torrent request to a
+/// tracker that must fetch the blob anew: its first owner died mid-fetch, and what it had
+/// fetched lives on only in the nodes' early reads. The tracker reads the pieces offered from
+/// the caller's own address (its IP, this exchange port) before it asks upstream for the rest;
+/// the blob's digest checks every byte before anything is kept. Query:
+/// `exchange=<port>&size=<bytes>&held=<first>-<last>,…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub exchange: u16,
+    /// The blob's size as the early read learnt it: the piece length follows from it.
+    pub size: u64,
+    /// Runs of pieces held, first and last inclusive, in order.
+    pub runs: Vec<(u32, u32)>,
+}
+
+/// Most runs a [`Held`] carries: its query stays well under any URL limit.
+pub const MAX_HELD_RUNS: usize = 64;
+
+impl Held {
+    /// From the pieces a node holds (in any order); None if it holds none.
+    pub fn from_pieces(
+        exchange: u16,
+        size: u64,
+        pieces: impl IntoIterator<Item = u32>,
+    ) -> Option<Held> {
+        let mut sorted: Vec<u32> = pieces.into_iter().collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for p in sorted {
+            if let Some((_, last)) = runs.last_mut()
+                && *last + 1 == p
+            {
+                *last = p;
+            } else if runs.len() == MAX_HELD_RUNS {
+                break;
+            } else {
+                runs.push((p, p));
+            }
+        }
+        (!runs.is_empty()).then_some(Held {
+            exchange,
+            size,
+            runs,
+        })
+    }
+
+    pub fn to_query(&self) -> String {
+        let runs: Vec<String> = self.runs.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+        format!(
+            "exchange={}&size={}&held={}",
+            self.exchange,
+            self.size,
+            runs.join(",")
+        )
+    }
+
+    /// Parses the three query values; the error names the offending one.
+    pub fn parse(exchange: u16, size: u64, held: &str) -> Result<Held, String> {
+        if exchange == 0 || size == 0 {
+            return Err(format!("exchange={exchange} and size={size} must not be 0"));
+        }
+        let mut runs = Vec::new();
+        for run in held.split(',') {
+            let parsed = run
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)));
+            match parsed {
+                Some((a, b)) if a <= b && runs.last().is_none_or(|(_, l)| *l < a) => {
+                    runs.push((a, b))
+                }
+                _ => {
+                    return Err(format!(
+                        "held={held:.80}: runs must be <first>-<last>, ascending"
+                    ));
+                }
+            }
+            if runs.len() > MAX_HELD_RUNS {
+                return Err(format!("held: more than {MAX_HELD_RUNS} runs"));
+            }
+        }
+        Ok(Held {
+            exchange,
+            size,
+            runs,
+        })
+    }
+
+    pub fn holds(&self, p: u32) -> bool {
+        self.runs.iter().any(|(a, b)| (*a..=*b).contains(&p))
+    }
+}
+
 /// Registry error codes (distribution-spec "Error Codes", plus distribution's extras).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -273,6 +366,44 @@ mod tests {
         assert_eq!(
             torrent_path(&reg, &name, &d),
             format!("/v1/torrents/127.0.0.2:5000/library/alpine/blobs/{d}")
+        );
+    }
+
+    #[test]
+    fn held_pieces_round_trip_as_runs() {
+        let h = Held::from_pieces(7000, 10 << 20, [5, 0, 1, 2, 9, 3, 10, 2]).unwrap();
+        assert_eq!(h.runs, vec![(0, 3), (5, 5), (9, 10)]);
+        assert_eq!(
+            h.to_query(),
+            "exchange=7000&size=10485760&held=0-3,5-5,9-10"
+        );
+        assert_eq!(Held::parse(7000, 10 << 20, "0-3,5-5,9-10").unwrap(), h);
+        assert!(h.holds(3) && h.holds(9) && !h.holds(4) && !h.holds(11));
+        assert_eq!(Held::from_pieces(1, 1, []), None);
+        // Only the first MAX_HELD_RUNS runs are offered.
+        let every_other = Held::from_pieces(1, 1, (0..1000).map(|p| p * 2)).unwrap();
+        assert_eq!(every_other.runs.len(), MAX_HELD_RUNS);
+    }
+
+    #[test]
+    fn held_refuses_what_it_cannot_read() {
+        for bad in ["", "1", "3-1", "0-3,2-5", "0-3,x-5", "0-3,,5-6", "-1-2"] {
+            let e = Held::parse(7000, 100, bad).unwrap_err();
+            assert!(e.contains("held="), "{bad}: {e}");
+        }
+        assert!(
+            Held::parse(0, 100, "0-1")
+                .unwrap_err()
+                .contains("exchange=0")
+        );
+        assert!(Held::parse(1, 0, "0-1").unwrap_err().contains("size=0"));
+        let many: Vec<String> = (0..=MAX_HELD_RUNS)
+            .map(|i| format!("{}-{}", 2 * i, 2 * i))
+            .collect();
+        assert!(
+            Held::parse(1, 1, &many.join(","))
+                .unwrap_err()
+                .contains("more than")
         );
     }
 }

@@ -531,12 +531,19 @@ impl Blobs {
 
     /// Asks the trackers for the blob's torrent as `req`'s client: they check its access.
     async fn torrent_for(&self, req: &BlobRequest) -> Result<Fetched, TrackersError> {
+        // Asked as a tracker may start the fetch: what this node's early read holds, which
+        // spares upstream what a tracker that died mid-fetch had fetched.
+        let held = || {
+            let port = self.exchange.as_ref()?.port();
+            self.early_holding(&req.digest)?.held(port)
+        };
         self.trackers
             .torrent(
                 &req.registry,
                 &req.name,
                 &req.digest,
                 req.authorization.as_ref(),
+                &held,
             )
             .await
     }

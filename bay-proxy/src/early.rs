@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bay_common::Digest;
-use bay_common::api::EarlyHolders;
+use bay_common::api::{EarlyHolders, Held};
 use bay_common::pool::{Pool, Pooled};
 use bay_common::torrent::{BlobTorrent, piece_length_for};
 use bytes::Bytes;
@@ -305,6 +305,19 @@ impl Holding {
     /// Whether both are of the same read.
     pub fn same(&self, other: &Holding) -> bool {
         Arc::ptr_eq(&self.got, &other.got)
+    }
+
+    /// What this read holds, to offer a tracker that fetches the blob anew: its first
+    /// tracker died mid-fetch (bay-tracker's `offers`).
+    pub fn held(&self, exchange: u16) -> Option<Held> {
+        let got = self.got.lock().expect("poisoned");
+        let (size, _) = got.shape?;
+        let whole = got
+            .pieces
+            .iter()
+            .filter(|(p, data)| data.len() as u64 == got.piece_size(**p))
+            .map(|(p, _)| *p);
+        Held::from_pieces(exchange, size, whole)
     }
 
     /// Piece `p` once it is here (the tracker may still be sending it), or None if it does

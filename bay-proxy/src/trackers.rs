@@ -199,13 +199,15 @@ impl Trackers {
     /// that digest. With several trackers, those that hold the blob (or are fetching it) are
     /// asked first, in rank order, and only then the first by rank to fetch it: a tracker that
     /// restarted empty, or came back after its blobs were fetched by the next one, does not
-    /// fetch from upstream what another tracker already has.
+    /// fetch from upstream what another tracker already has. A request that may start the
+    /// fetch carries what `held` says this node holds of the blob (`api::Held`).
     pub async fn torrent(
         &self,
         registry: &Registry,
         name: &RepositoryName,
         digest: &Digest,
         authorization: Option<&HeaderValue>,
+        held: &(dyn Fn() -> Option<api::Held> + Sync),
     ) -> Result<Fetched, TrackersError> {
         if self.urls.is_empty() {
             return Err(TrackersError::None);
@@ -221,7 +223,7 @@ impl Trackers {
                 if self.cooling(i) {
                     continue;
                 }
-                match self.ask(i, &path, digest, authorization, true).await {
+                match self.ask(i, &path, digest, authorization, None).await {
                     Ok(Ok(fetched)) => return Ok(fetched),
                     Ok(Err(Answer::Refused(refusal))) => {
                         return Err(TrackersError::Refused(Box::new(refusal)));
@@ -244,9 +246,9 @@ impl Trackers {
             }
             // A request that failed on its way (a dropped SYN, a pooled connection the tracker
             // had just closed) is sent once more before the next tracker is asked to fetch.
-            let mut answer = self.ask(i, &path, digest, authorization, false).await;
+            let mut answer = self.ask(i, &path, digest, authorization, Some(held)).await;
             if !lost[i] && matches!(answer, Err(Failure::Transport(_))) {
-                answer = self.ask(i, &path, digest, authorization, false).await;
+                answer = self.ask(i, &path, digest, authorization, Some(held)).await;
             }
             match answer {
                 Ok(Ok(fetched)) => return Ok(fetched),
@@ -270,21 +272,26 @@ impl Trackers {
         self.failed_at.lock().expect("poisoned")[i].is_some_and(|t| t.elapsed() < COOL_DOWN)
     }
 
-    /// One torrent request to tracker `i`; `held_only` asks it not to fetch the blob
-    /// (`Cache-Control: only-if-cached`). A transport failure or an unexpected answer is the
-    /// `Err`, and marks the tracker failed.
+    /// One torrent request to tracker `i`; without `held` it asks the tracker not to fetch
+    /// the blob (`Cache-Control: only-if-cached`), with it the request offers what this node
+    /// holds. A transport failure or an unexpected answer is the `Err`, and marks the tracker
+    /// failed.
     async fn ask(
         &self,
         i: usize,
         path: &str,
         digest: &Digest,
         authorization: Option<&HeaderValue>,
-        held_only: bool,
+        held: Option<&(dyn Fn() -> Option<api::Held> + Sync)>,
     ) -> Result<Result<Fetched, Answer>, Failure> {
         let base = &self.urls[i];
-        let url = base
+        let held_only = held.is_none();
+        let mut url = base
             .join(path.trim_start_matches('/'))
             .map_err(|e| Failure::Answer(format!("{base}: {e}")))?;
+        if let Some(h) = held.and_then(|h| h()) {
+            url.set_query(Some(&h.to_query()));
+        }
         let mut req = self.client.get(url).timeout(TORRENT_TIMEOUT);
         if let Some(auth) = authorization {
             req = req.header(header::AUTHORIZATION, auth.clone());
@@ -759,7 +766,7 @@ mod tests {
         let registry: Registry = "http://127.0.0.2:5000".parse().unwrap();
         let name: RepositoryName = "library/alpine".parse().unwrap();
         trackers
-            .torrent(&registry, &name, digest, None)
+            .torrent(&registry, &name, digest, None, &|| None)
             .await
             .unwrap()
     }

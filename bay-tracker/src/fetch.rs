@@ -12,20 +12,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 
-use bay_common::api::{self, EarlyHolders};
+use bay_common::api::{self, EarlyHolders, Held};
 use bay_common::store::VerifyError;
 use bay_common::torrent::{BlobTorrent, TorrentBuilder};
 use bay_common::upstream::{Credentials, UpstreamClient};
 use bay_common::{Digest, Registry, RepositoryName, Verifier};
 use futures::FutureExt;
+use futures::StreamExt;
 use futures::future::{BoxFuture, Shared};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::error::TrackerError;
 use crate::limit::UpstreamLimits;
 use crate::metrics::Metrics;
+use crate::offers::Offers;
 use crate::seeder::Seeder;
 use bay_common::access::AccessCache;
 use bay_common::store::Store;
@@ -225,6 +227,8 @@ pub struct Blobs {
     pub access: AccessCache,
     pub metrics: Arc<Metrics>,
     limits: UpstreamLimits,
+    /// Pieces nodes offer to a fetch that starts over (`crate::offers`).
+    pub offers: Offers,
     flights: Mutex<HashMap<Digest, Flight>>,
     fetching: Arc<Mutex<HashMap<Digest, Arc<Fetching>>>>,
 }
@@ -236,8 +240,10 @@ impl Blobs {
         upstream: Arc<UpstreamClient>,
         metrics: Arc<Metrics>,
         limits: UpstreamLimits,
+        offers: Offers,
     ) -> Self {
         Self {
+            offers,
             store,
             seeder,
             upstream,
@@ -278,16 +284,32 @@ impl Blobs {
     }
 
     /// The torrent of a blob for a caller, after upstream agreed the caller may read it.
+    /// `offer` is what the caller holds of it from an early read (`crate::offers`).
     pub async fn torrent_for(
         self: &Arc<Self>,
         source: Source,
         digest: &Digest,
+        offer: Option<(SocketAddr, Held)>,
     ) -> Result<Arc<BlobTorrent>, Arc<TrackerError>> {
         self.check_access(&source, digest).await?;
         if let Some(t) = self.store.get(digest) {
             return Ok(t);
         }
-        self.ensure(digest, Some(source)).await
+        if let Some((node, held)) = offer {
+            self.offers.offer(digest, node, held);
+        }
+        let result = self.ensure(digest, Some(source)).await;
+        // The flight that could use the offers is over (they are dropped as it ends; this
+        // drops one that came in after).
+        if !self
+            .flights
+            .lock()
+            .expect("flights poisoned")
+            .contains_key(digest)
+        {
+            self.offers.forget(digest);
+        }
+        result
     }
 
     /// Like `torrent_for`, but never starts an upstream fetch: the torrent if the blob is held
@@ -333,6 +355,7 @@ impl Blobs {
                             async move {
                                 let result = this.run_flight(&d, src).await.map_err(Arc::new);
                                 this.flights.lock().expect("flights poisoned").remove(&d);
+                                this.offers.forget(&d);
                                 result
                             }
                             .instrument(span),
@@ -404,12 +427,41 @@ impl Blobs {
     }
 
     /// Streams the blob from upstream into `tmp/`, verifying as it goes; renames it into
-    /// `blobs/` only when the digest matches.
+    /// `blobs/` only when the digest matches. Pieces nodes offered (`crate::offers`) come first
+    /// and upstream sends the rest; if the digest then fails, the fetch runs again from
+    /// upstream alone.
     async fn download(
         &self,
         digest: &Digest,
         source: &Source,
     ) -> Result<BlobTorrent, TrackerError> {
+        match self.fetch_once(digest, source, true).await {
+            Ok(t) => Ok(t),
+            Err((
+                e @ (TrackerError::DigestMismatch { .. } | TrackerError::SizeMismatch { .. }),
+                taken,
+            )) if taken > 0 => {
+                tracing::warn!(
+                    taken,
+                    "the blob with pieces nodes offered failed its check ({e}): fetching it \
+                     from upstream alone"
+                );
+                self.offers.forget(digest);
+                self.fetch_once(digest, source, false)
+                    .await
+                    .map_err(|(e, _)| e)
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// One pass of [`Self::download`]; the error comes with the bytes taken from nodes.
+    async fn fetch_once(
+        &self,
+        digest: &Digest,
+        source: &Source,
+        from_nodes: bool,
+    ) -> Result<BlobTorrent, (TrackerError, u64)> {
         let mut waited = false;
         let slot = self
             .limits
@@ -423,26 +475,103 @@ impl Blobs {
             self.metrics.upstream_queued.dec();
         }
         let started = std::time::Instant::now();
-        let mut resp = match self
-            .upstream
-            .get_blob(&source.registry, &source.name, digest, &source.creds)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.upstream_fetch("failed");
-                return Err(e.into());
-            }
-        };
         let image = format!("{}/{}", source.registry.authority(), source.name);
         let mut received = 0u64;
+        let mut taken = 0u64;
         let tmp = self.store.temp_path();
         let result = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
-            let announced = resp.content_length();
+            let mut verifier = Verifier::new(digest.algorithm());
+            let offered = if from_nodes {
+                self.offers.size(digest)
+            } else {
+                None
+            };
+            let mut builder = None;
+            if let Some(size) = offered {
+                let mut b = TorrentBuilder::new(digest.clone(), size)
+                    .map_err(|e| TrackerError::Seed(e.to_string()))?;
+                let mut next = 0u32;
+                let mut waited = false;
+                loop {
+                    let mut run = std::pin::pin!(self.offers.run_from(digest, size, next));
+                    let before = next;
+                    while let Some(Some(data)) = run.next().await {
+                        verifier.update(&data);
+                        b.update(&data);
+                        file.write_all(&data).await?;
+                        taken += data.len() as u64;
+                        self.metrics.node_bytes.inc_by(data.len() as u64);
+                        next += 1;
+                    }
+                    if next == before {
+                        if waited {
+                            break;
+                        }
+                        // The nodes ask together as their tracker dies; the next piece may
+                        // be in an offer a moment away.
+                        waited = true;
+                        tokio::time::sleep(crate::offers::LATE_OFFERS).await;
+                    }
+                }
+                builder = Some(b);
+                // Early readers may read the nodes' pieces from the file.
+                file.flush().await?;
+            }
+            // Upstream resumes where the nodes' pieces end, or sends the whole blob.
+            let mut resp = None;
+            if let Some(size) = offered.filter(|_| taken > 0) {
+                tracing::info!(
+                    taken,
+                    "took the pieces nodes offered; asking upstream for the rest"
+                );
+                let want = format!("bytes {taken}-{}/{size}", size - 1);
+                match self
+                    .upstream
+                    .get_blob_from(&source.registry, &source.name, digest, &source.creds, taken)
+                    .await
+                {
+                    Ok(r)
+                        if r.status() == reqwest::StatusCode::PARTIAL_CONTENT
+                            && r.headers()
+                                .get(reqwest::header::CONTENT_RANGE)
+                                .is_some_and(|v| v.as_bytes() == want.as_bytes()) =>
+                    {
+                        resp = Some(r)
+                    }
+                    // It ignored the range, or the blob is not the size the nodes said.
+                    other => {
+                        let why = match &other {
+                            Ok(r) => format!("answered {}", r.status()),
+                            Err(e) => e.to_string(),
+                        };
+                        tracing::info!(
+                            "upstream did not resume at {want} ({why}): fetching the whole blob"
+                        );
+                        drop(other);
+                        file.set_len(0).await?;
+                        file.seek(std::io::SeekFrom::Start(0)).await?;
+                        verifier = Verifier::new(digest.algorithm());
+                        taken = 0;
+                    }
+                }
+            }
+            let mut resp = match resp {
+                Some(r) => r,
+                None => {
+                    builder = None;
+                    self.upstream
+                        .get_blob(&source.registry, &source.name, digest, &source.creds)
+                        .await?
+                }
+            };
+            let announced = match taken {
+                0 => resp.content_length(),
+                _ => offered,
+            };
             let mut early = match announced {
                 Some(size) if size > 0 => {
-                    let (tx, rx) = watch::channel(Progress::Written(0));
+                    let (tx, rx) = watch::channel(Progress::Written(taken));
                     self.fetching.lock().expect("fetching poisoned").insert(
                         digest.clone(),
                         Arc::new(Fetching::new(
@@ -456,20 +585,22 @@ impl Blobs {
                         blobs: self,
                         digest: digest.clone(),
                         progress: tx,
-                        published: 0,
+                        published: taken,
                     })
                 }
                 _ => None,
             };
-            let mut verifier = Verifier::new(digest.algorithm());
-            let mut builder = match announced {
-                Some(0) => return Err(TrackerError::Empty(digest.to_string())),
-                Some(n) => Some(
-                    TorrentBuilder::new(digest.clone(), n)
-                        .map_err(|e| TrackerError::Seed(e.to_string()))?,
-                ),
-                None => None,
-            };
+            if builder.is_none() {
+                builder = match announced {
+                    Some(0) => return Err(TrackerError::Empty(digest.to_string())),
+                    Some(n) => Some(
+                        TorrentBuilder::new(digest.clone(), n)
+                            .map_err(|e| TrackerError::Seed(e.to_string()))?,
+                    ),
+                    None => None,
+                };
+            }
+            let mut written = taken;
             while let Some(chunk) = resp
                 .chunk()
                 .await
@@ -477,6 +608,7 @@ impl Blobs {
             {
                 self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
                 received += chunk.len() as u64;
+                written += chunk.len() as u64;
                 self.limits.take(chunk.len()).await;
                 verifier.update(&chunk);
                 if let Some(b) = builder.as_mut() {
@@ -484,12 +616,12 @@ impl Blobs {
                 }
                 file.write_all(&chunk).await?;
                 if let Some(e) = early.as_mut()
-                    && received - e.published >= PUBLISH_EVERY
+                    && written - e.published >= PUBLISH_EVERY
                 {
                     // Written means readable from another handle: the last write may still
                     // be on the blocking pool.
                     file.flush().await?;
-                    e.written(received);
+                    e.written(written);
                 }
             }
             let got_size = verifier.bytes_hashed();
@@ -531,6 +663,7 @@ impl Blobs {
         match &result {
             Ok(t) => tracing::info!(
                 size = t.size(),
+                from_nodes = taken,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "fetched and verified blob from upstream"
             ),
@@ -539,7 +672,7 @@ impl Blobs {
                 let _ = tokio::fs::remove_file(&tmp).await;
             }
         }
-        result
+        result.map_err(|e| (e, taken))
     }
 
     /// Drops a held blob whose file no longer matches its torrent (bit rot, a disk error, a

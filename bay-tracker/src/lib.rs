@@ -7,6 +7,7 @@ pub mod error;
 pub mod fetch;
 pub mod limit;
 pub mod metrics;
+pub mod offers;
 pub mod pieces;
 pub mod preheat;
 pub mod routes;
@@ -54,6 +55,7 @@ pub async fn run(
         upstream,
         metrics.clone(),
         limits,
+        offers::Offers::new().context("building the client that reads pieces nodes offer")?,
     ));
     let preheats = Arc::new(preheat::Preheats::new(config.clone(), blobs.clone()));
     let pieces = Arc::new(pieces::Pieces::new(

@@ -28,6 +28,8 @@ pub struct Metrics {
     scrape: Mutex<()>,
     pub upstream_fetches: Family<Outcome, Counter>,
     pub upstream_bytes: Counter,
+    /// Blob bytes a fetch read from nodes' early reads instead of upstream (`crate::offers`).
+    pub node_bytes: Counter,
     /// Fetches waiting for a slot under `--upstream-concurrency`.
     pub upstream_queued: Gauge,
     pub torrent_requests: Family<Outcome, Counter>,
@@ -70,6 +72,7 @@ impl Default for Metrics {
         let mut registry = Registry::default();
         let upstream_fetches = Family::<Outcome, Counter>::default();
         let upstream_bytes = Counter::default();
+        let node_bytes = Counter::default();
         let upstream_queued = Gauge::default();
         let torrent_requests = Family::<Outcome, Counter>::default();
         let announces = Family::<Event, Counter>::default();
@@ -92,6 +95,11 @@ impl Default for Metrics {
             "bay_upstream_bytes",
             "Blob bytes received from upstream registries",
             upstream_bytes.clone(),
+        );
+        registry.register(
+            "bay_node_bytes",
+            "Blob bytes a fetch read from the pieces nodes offered (what a tracker that died mid-fetch had fetched) instead of from upstream",
+            node_bytes.clone(),
         );
         registry.register(
             "bay_upstream_queued_fetches",
@@ -159,6 +167,7 @@ impl Default for Metrics {
             scrape: Mutex::new(()),
             upstream_fetches,
             upstream_bytes,
+            node_bytes,
             upstream_queued,
             torrent_requests,
             announces,

@@ -259,7 +259,7 @@ impl Preheats {
                     // Preheats together take at most half the upstream slots, so proxies'
                     // requests never queue behind a batch of preheats.
                     let _slot = self.slots.acquire().await.expect("never closed");
-                    let result = self.blobs.torrent_for(source, &d.digest).await;
+                    let result = self.blobs.torrent_for(source, &d.digest, None).await;
                     (d, result)
                 }
             })

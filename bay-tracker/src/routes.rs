@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bay_common::announce::{self, AnnounceRequest};
-use bay_common::api::{INFO_HASH_HEADER, TORRENT_CONTENT_TYPE, TrackerStats};
+use bay_common::api::{Held, INFO_HASH_HEADER, TORRENT_CONTENT_TYPE, TrackerStats};
 use bay_common::metrics::Outcome;
 use bay_common::upstream::Credentials;
 use bay_common::{Digest, RepositoryName};
@@ -67,13 +67,47 @@ fn split_torrent_path(path: &str) -> Result<(&str, &str, &str), TrackerError> {
     Ok((registry, name, digest))
 }
 
+/// What a caller of `GET /v1/torrents/…` holds of the blob from an early read
+/// (`bay_common::api::Held`).
+#[derive(serde::Deserialize)]
+struct HeldQuery {
+    exchange: Option<u16>,
+    size: Option<u64>,
+    held: Option<String>,
+}
+
+impl HeldQuery {
+    fn parse(self) -> Result<Option<Held>, TrackerError> {
+        match (self.exchange, self.size, self.held) {
+            (None, None, None) => Ok(None),
+            (Some(x), Some(size), Some(held)) => Held::parse(x, size, &held)
+                .map(Some)
+                .map_err(TrackerError::BadRequest),
+            _ => Err(TrackerError::BadRequest(
+                "exchange=, size= and held= come together".into(),
+            )),
+        }
+    }
+}
+
 async fn torrent(
     State(state): State<Arc<AppState>>,
     ConnectInfo(conn): ConnectInfo<bay_common::serve::Conn>,
     Path(path): Path<String>,
+    query: Result<axum::extract::Query<HeldQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    match torrent_inner(&state, &path, &headers, conn).await {
+    let held = match query {
+        Ok(q) => q.0.parse(),
+        Err(e) => Err(TrackerError::BadRequest(e.body_text())),
+    };
+    let held = match held {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    // Offered pieces are read back from the caller's own address only.
+    let offer = held.map(|h| (peer_addr(conn.remote, h.exchange), h));
+    match torrent_inner(&state, &path, &headers, conn, offer).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -84,6 +118,7 @@ async fn torrent_inner(
     path: &str,
     headers: &HeaderMap,
     conn: bay_common::serve::Conn,
+    offer: Option<(SocketAddr, Held)>,
 ) -> Result<Response, ErrorResponse> {
     let (digest, source) = source_of(state, path, headers)?;
     let span = tracing::info_span!("torrent", digest = %digest, repo = %source.name,
@@ -98,7 +133,7 @@ async fn torrent_inner(
     } else {
         state
             .blobs
-            .torrent_for(source, &digest)
+            .torrent_for(source, &digest, offer)
             .instrument(span)
             .await
     };
