@@ -28,10 +28,15 @@ use futures::{Stream, StreamExt};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Between reads of a piece's bytes, as between nodes (bay-proxy's `exchange`).
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
-/// Pieces read from nodes at once; each read goes to another node where several hold it.
-const AT_ONCE: usize = 8;
-/// Bytes of pieces asked for in one run: memory stays bounded whatever the piece length.
+/// Pieces read from nodes at once (fewer of big pieces, see [`RUN_BYTES`]); each read goes
+/// to another node where several hold it.
+const AT_ONCE: u64 = 8;
+/// Bytes of pieces asked for in one run, and held at once: memory stays bounded whatever the
+/// piece length.
 const RUN_BYTES: u64 = 32 << 20;
+/// A whole piece must come within this, plus a second per 128 KiB of it: a node that trickles
+/// its bytes does not hold the fetch up for long.
+const PIECE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a fetch waits, once, for an offer of the next piece before it asks upstream.
 pub const LATE_OFFERS: Duration = Duration::from_millis(250);
 /// Blobs with offers kept, and offers kept per blob: a bound, not a tuning.
@@ -155,7 +160,7 @@ impl Offers {
                 let want = pl.min(size - p as u64 * pl) as usize;
                 self.read_piece(digest, p, want, nodes)
             })
-            .buffered(AT_ONCE)
+            .buffered(AT_ONCE.min(RUN_BYTES / pl).max(1) as usize)
     }
 
     /// Piece `p` from the first of `nodes` that has it.
@@ -186,9 +191,11 @@ impl Offers {
         want: usize,
     ) -> Result<Bytes, String> {
         let url = format!("http://{node}{}", bay_common::api::exchange_path(digest, p));
+        let timeout = PIECE_TIMEOUT + Duration::from_secs(want as u64 / (128 << 10));
         let mut resp = self
             .client
             .get(url)
+            .timeout(timeout)
             .send()
             .await
             .map_err(|e| e.to_string())?;
