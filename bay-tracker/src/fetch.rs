@@ -209,6 +209,16 @@ impl Drop for FetchingGuard<'_> {
     }
 }
 
+/// Whether upstream answered a `Range` request with exactly the range `want`
+/// (`bytes <first>-<last>/<size>`).
+fn partial(resp: &reqwest::Response, want: &str) -> bool {
+    resp.status() == reqwest::StatusCode::PARTIAL_CONTENT
+        && resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .is_some_and(|v| v.as_bytes() == want.as_bytes())
+}
+
 /// How long a verified fetch stays listed for proxies asking who holds which piece.
 const LISTED_AFTER_FETCH: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -488,90 +498,158 @@ impl Blobs {
                 None
             };
             let mut builder = None;
+            // Bytes at the start of the file from the nodes' pieces and the gaps between them.
+            let mut prefix = 0u64;
             if let Some(size) = offered {
                 let mut b = TorrentBuilder::new(digest.clone(), size)
                     .map_err(|e| TrackerError::Seed(e.to_string()))?;
+                let pl = bay_common::torrent::piece_length_for(size) as u64;
                 let mut next = 0u32;
                 let mut waited = false;
+                let mut gaps = 0;
                 loop {
-                    let mut run = std::pin::pin!(self.offers.run_from(digest, size, next));
                     let before = next;
-                    while let Some(Some(data)) = run.next().await {
-                        verifier.update(&data);
-                        b.update(&data);
-                        file.write_all(&data).await?;
-                        taken += data.len() as u64;
-                        self.metrics.node_bytes.inc_by(data.len() as u64);
-                        next += 1;
-                    }
-                    if next == before {
-                        if waited {
-                            break;
+                    {
+                        let mut run = std::pin::pin!(self.offers.run_from(digest, size, next));
+                        while let Some(Some(data)) = run.next().await {
+                            verifier.update(&data);
+                            b.update(&data);
+                            file.write_all(&data).await?;
+                            taken += data.len() as u64;
+                            self.metrics.node_bytes.inc_by(data.len() as u64);
+                            next += 1;
                         }
+                    }
+                    if next > before {
+                        continue;
+                    }
+                    if !waited {
                         // The nodes ask together as their tracker dies; the next piece may
                         // be in an offer a moment away.
                         waited = true;
                         tokio::time::sleep(crate::offers::LATE_OFFERS).await;
+                        continue;
                     }
+                    // No node offers piece `next` (it was on its way to a node when the
+                    // tracker died): upstream sends the gap, if nodes offer pieces after it.
+                    let Some(after) = self.offers.next_offered(digest, size, next) else {
+                        break;
+                    };
+                    if gaps == crate::offers::MAX_GAPS {
+                        break;
+                    }
+                    gaps += 1;
+                    let (first, last) = (next as u64 * pl, after as u64 * pl - 1);
+                    let want = format!("bytes {first}-{last}/{size}");
+                    let resp = self
+                        .upstream
+                        .get_blob_range(
+                            &source.registry,
+                            &source.name,
+                            digest,
+                            &source.creds,
+                            first,
+                            last,
+                        )
+                        .await;
+                    let mut resp = match resp {
+                        Ok(r) if partial(&r, &want) => r,
+                        _ => break,
+                    };
+                    let mut got = 0u64;
+                    while let Some(chunk) = resp
+                        .chunk()
+                        .await
+                        .map_err(|e| TrackerError::Upstream(transport(&source.registry, e)))?
+                    {
+                        got += chunk.len() as u64;
+                        if got > last + 1 - first {
+                            break;
+                        }
+                        self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
+                        received += chunk.len() as u64;
+                        self.limits.take(chunk.len()).await;
+                        verifier.update(&chunk);
+                        b.update(&chunk);
+                        file.write_all(&chunk).await?;
+                    }
+                    if got != last + 1 - first {
+                        return Err(TrackerError::SizeMismatch {
+                            digest: digest.to_string(),
+                            expected: last + 1 - first,
+                            got,
+                        });
+                    }
+                    next = after;
                 }
+                prefix = (next as u64 * pl).min(size);
                 builder = Some(b);
                 // Early readers may read the nodes' pieces from the file.
                 file.flush().await?;
             }
-            // Upstream resumes where the nodes' pieces end, or sends the whole blob.
+            // Upstream resumes where the prefix ends, or sends the whole blob.
             let mut resp = None;
-            if let Some(size) = offered.filter(|_| taken > 0) {
+            let mut resumed = false;
+            if let Some(size) = offered.filter(|_| prefix > 0) {
                 tracing::info!(
                     taken,
+                    prefix,
                     "took the pieces nodes offered; asking upstream for the rest"
                 );
-                let want = format!("bytes {taken}-{}/{size}", size - 1);
-                match self
-                    .upstream
-                    .get_blob_from(&source.registry, &source.name, digest, &source.creds, taken)
-                    .await
-                {
-                    Ok(r)
-                        if r.status() == reqwest::StatusCode::PARTIAL_CONTENT
-                            && r.headers()
-                                .get(reqwest::header::CONTENT_RANGE)
-                                .is_some_and(|v| v.as_bytes() == want.as_bytes()) =>
+                let want = format!("bytes {prefix}-{}/{size}", size - 1);
+                if prefix == size {
+                    resumed = true;
+                } else {
+                    match self
+                        .upstream
+                        .get_blob_from(
+                            &source.registry,
+                            &source.name,
+                            digest,
+                            &source.creds,
+                            prefix,
+                        )
+                        .await
                     {
-                        resp = Some(r)
-                    }
-                    // It ignored the range, or the blob is not the size the nodes said.
-                    other => {
-                        let why = match &other {
-                            Ok(r) => format!("answered {}", r.status()),
-                            Err(e) => e.to_string(),
-                        };
-                        tracing::info!(
-                            "upstream did not resume at {want} ({why}): fetching the whole blob"
-                        );
-                        drop(other);
-                        file.set_len(0).await?;
-                        file.seek(std::io::SeekFrom::Start(0)).await?;
-                        verifier = Verifier::new(digest.algorithm());
-                        taken = 0;
+                        Ok(r) if partial(&r, &want) => {
+                            resp = Some(r);
+                            resumed = true;
+                        }
+                        // It ignored the range, or the blob is not the size the nodes said.
+                        other => {
+                            let why = match &other {
+                                Ok(r) => format!("answered {}", r.status()),
+                                Err(e) => e.to_string(),
+                            };
+                            tracing::info!(
+                                "upstream did not resume at {want} ({why}): fetching the whole blob"
+                            );
+                        }
                     }
                 }
             }
-            let mut resp = match resp {
-                Some(r) => r,
-                None => {
-                    builder = None;
+            if !resumed && prefix > 0 {
+                file.set_len(0).await?;
+                file.seek(std::io::SeekFrom::Start(0)).await?;
+                verifier = Verifier::new(digest.algorithm());
+                taken = 0;
+                prefix = 0;
+            }
+            if !resumed {
+                builder = None;
+                resp = Some(
                     self.upstream
                         .get_blob(&source.registry, &source.name, digest, &source.creds)
-                        .await?
-                }
-            };
-            let announced = match taken {
-                0 => resp.content_length(),
-                _ => offered,
+                        .await?,
+                );
+            }
+            let announced = match resumed {
+                false => resp.as_ref().and_then(|r| r.content_length()),
+                true => offered,
             };
             let mut early = match announced {
                 Some(size) if size > 0 => {
-                    let (tx, rx) = watch::channel(Progress::Written(taken));
+                    let (tx, rx) = watch::channel(Progress::Written(prefix));
                     self.fetching.lock().expect("fetching poisoned").insert(
                         digest.clone(),
                         Arc::new(Fetching::new(
@@ -585,7 +663,7 @@ impl Blobs {
                         blobs: self,
                         digest: digest.clone(),
                         progress: tx,
-                        published: taken,
+                        published: prefix,
                     })
                 }
                 _ => None,
@@ -600,12 +678,14 @@ impl Blobs {
                     None => None,
                 };
             }
-            let mut written = taken;
-            while let Some(chunk) = resp
-                .chunk()
-                .await
-                .map_err(|e| TrackerError::Upstream(transport(&source.registry, e)))?
-            {
+            let mut written = prefix;
+            while let Some(chunk) = match resp.as_mut() {
+                Some(r) => r
+                    .chunk()
+                    .await
+                    .map_err(|e| TrackerError::Upstream(transport(&source.registry, e)))?,
+                None => None,
+            } {
                 self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
                 received += chunk.len() as u64;
                 written += chunk.len() as u64;

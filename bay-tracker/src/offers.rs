@@ -39,6 +39,9 @@ const RUN_BYTES: u64 = 32 << 20;
 const PIECE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a fetch waits, once, for an offer of the next piece before it asks upstream.
 pub const LATE_OFFERS: Duration = Duration::from_millis(250);
+/// Gaps between offered pieces a fetch asks upstream for (each a `Range` request) before it
+/// asks for all the rest.
+pub const MAX_GAPS: usize = 16;
 /// Blobs with offers kept, and offers kept per blob: a bound, not a tuning.
 const MAX_BLOBS: usize = 1024;
 const MAX_NODES: usize = 256;
@@ -94,6 +97,18 @@ impl Offers {
     pub fn size(&self, digest: &Digest) -> Option<u64> {
         let map = self.offers.lock().expect("offers poisoned");
         Some(map.get(digest)?.first()?.held.size)
+    }
+
+    /// The first piece from `from` on that some node offers.
+    pub fn next_offered(&self, digest: &Digest, size: u64, from: u32) -> Option<u32> {
+        let map = self.offers.lock().expect("offers poisoned");
+        map.get(digest)?
+            .iter()
+            .filter(|o| o.held.size == size)
+            .flat_map(|o| o.held.runs.iter())
+            .filter(|(_, last)| *last >= from)
+            .map(|(first, _)| (*first).max(from))
+            .min()
     }
 
     /// The nodes offering piece `p` of the blob at `size`, the one to ask first first.
@@ -241,6 +256,13 @@ mod tests {
         assert_eq!(sorted, vec![addr(1), addr(2)]);
         assert_ne!(offers.holders(&d, size, 4), both, "turns rotate");
         assert!(offers.holders(&d, size, 7).is_empty());
+        assert_eq!(offers.next_offered(&d, size, 0), Some(0));
+        assert_eq!(offers.next_offered(&d, size, 5), Some(5));
+        assert_eq!(
+            offers.next_offered(&d, size, 7),
+            None,
+            "node 3's size is another"
+        );
         offers.withdraw(&d, addr(2), 4);
         assert_eq!(offers.holders(&d, size, 4), vec![addr(1)]);
         assert_eq!(offers.holders(&d, size, 5), vec![addr(2)]);

@@ -233,7 +233,23 @@ impl UpstreamClient {
         offset: u64,
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = Self::blob_url(registry, name, digest);
-        self.send(Method::GET, &url, creds, true, Some(offset))
+        self.send(Method::GET, &url, creds, true, Some((offset, None)))
+            .await
+    }
+
+    /// GET bytes `start..=end` of the blob (a `Range` request); as for [`Self::get_blob_from`],
+    /// the caller checks that upstream answered 206 with that range.
+    pub async fn get_blob_range(
+        &self,
+        registry: &Registry,
+        name: &RepositoryName,
+        digest: &Digest,
+        creds: &Credentials,
+        start: u64,
+        end: u64,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = Self::blob_url(registry, name, digest);
+        self.send(Method::GET, &url, creds, true, Some((start, Some(end))))
             .await
     }
 
@@ -280,9 +296,9 @@ impl UpstreamClient {
         url: &str,
         creds: &Credentials,
         follow: bool,
-        range_from: Option<u64>,
+        range: Option<(u64, Option<u64>)>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        self.send_accepting(method, url, creds, follow, range_from, None)
+        self.send_accepting(method, url, creds, follow, range, None)
             .await
     }
 
@@ -293,7 +309,7 @@ impl UpstreamClient {
         url: &str,
         creds: &Credentials,
         follow: bool,
-        range_from: Option<u64>,
+        range: Option<(u64, Option<u64>)>,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let client = if follow {
@@ -309,8 +325,12 @@ impl UpstreamClient {
             if let Some(auth) = auth {
                 req = req.header(header::AUTHORIZATION, auth);
             }
-            if let Some(from) = range_from {
-                req = req.header(header::RANGE, format!("bytes={from}-"));
+            match range {
+                Some((from, Some(to))) => {
+                    req = req.header(header::RANGE, format!("bytes={from}-{to}"))
+                }
+                Some((from, None)) => req = req.header(header::RANGE, format!("bytes={from}-")),
+                None => {}
             }
             if let Some(accept) = accept {
                 req = req.header(header::ACCEPT, accept);
