@@ -883,3 +883,27 @@ async fn a_gap_between_offered_pieces_comes_from_upstream_alone() {
         .collect();
     assert_eq!(gets, vec![(206, 4 * pl), (206, layer.size - 20 * pl)]);
 }
+
+/// An offer of a size upstream's HEAD does not confirm is ignored: the size would set what the
+/// fetch reserves for piece hashes (a caller's `size=18446744073709551615` aborted an earlier
+/// build), and its pieces cannot be the blob's.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_offer_of_another_size_is_ignored() {
+    let (registry, image, tracker) = setup(&[2 << 20], &[]).await;
+    let layer = &image.layers[0];
+    let blob = image.blob_bytes(&layer.digest).unwrap();
+    let node = Node::start(blob, &[0..=3], false).await;
+    let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
+    for size in [u64::MAX, layer.size + 1] {
+        let r = node
+            .client()
+            .get(format!("{url}?exchange={}&size={size}&held=0-0", node.port))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{}", tracker.log_text());
+    }
+    assert_eq!(node.served(), 0);
+    let (sent, statuses) = registry.blob_bytes_sent(&layer.digest);
+    assert_eq!((sent, statuses), (layer.size, vec![200]));
+}

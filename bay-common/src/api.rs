@@ -179,6 +179,14 @@ impl Held {
                 return Err(format!("held: more than {MAX_HELD_RUNS} runs"));
             }
         }
+        let pieces = size.div_ceil(crate::torrent::piece_length_for(size) as u64);
+        if let Some((_, last)) = runs.last()
+            && *last as u64 >= pieces
+        {
+            return Err(format!(
+                "held={held:.80}: piece {last} is past the last of size={size}"
+            ));
+        }
         Ok(Held {
             exchange,
             size,
@@ -391,6 +399,10 @@ mod tests {
             let e = Held::parse(7000, 100, bad).unwrap_err();
             assert!(e.contains("held="), "{bad}: {e}");
         }
+        // 1 MiB is four pieces: 0-3.
+        assert!(Held::parse(7000, 1 << 20, "0-3").is_ok());
+        let e = Held::parse(7000, 1 << 20, "0-4").unwrap_err();
+        assert!(e.contains("past the last") && e.contains("0-4"), "{e}");
         assert!(
             Held::parse(0, 100, "0-1")
                 .unwrap_err()

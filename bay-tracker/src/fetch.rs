@@ -280,6 +280,15 @@ impl Blobs {
         source: &Source,
         digest: &Digest,
     ) -> Result<(), Arc<TrackerError>> {
+        self.check_access_sized(source, digest).await.map(drop)
+    }
+
+    /// [`Self::check_access`], with the size upstream's HEAD gave (none if it redirected).
+    async fn check_access_sized(
+        &self,
+        source: &Source,
+        digest: &Digest,
+    ) -> Result<Option<u64>, Arc<TrackerError>> {
         self.access
             .check(
                 &self.upstream,
@@ -289,7 +298,6 @@ impl Blobs {
                 &source.creds,
             )
             .await
-            .map(drop)
             .map_err(|e| Arc::new(e.into()))
     }
 
@@ -301,25 +309,19 @@ impl Blobs {
         digest: &Digest,
         offer: Option<(SocketAddr, Held)>,
     ) -> Result<Arc<BlobTorrent>, Arc<TrackerError>> {
-        self.check_access(&source, digest).await?;
+        let size = self.check_access_sized(&source, digest).await?;
         if let Some(t) = self.store.get(digest) {
             return Ok(t);
         }
-        if let Some((node, held)) = offer {
+        // Only an offer of the size upstream's HEAD gave: the size sets how much the fetch
+        // reserves for piece hashes before upstream sends a byte.
+        if let Some((node, held)) = offer.filter(|(_, h)| Some(h.size) == size) {
+            // Under the flights lock, so a flight that ends now does not drop it unseen; the
+            // flight this request starts or joins drops it as it ends.
+            let _flights = self.flights.lock().expect("flights poisoned");
             self.offers.offer(digest, node, held);
         }
-        let result = self.ensure(digest, Some(source)).await;
-        // The flight that could use the offers is over (they are dropped as it ends; this
-        // drops one that came in after).
-        if !self
-            .flights
-            .lock()
-            .expect("flights poisoned")
-            .contains_key(digest)
-        {
-            self.offers.forget(digest);
-        }
-        result
+        self.ensure(digest, Some(source)).await
     }
 
     /// Like `torrent_for`, but never starts an upstream fetch: the torrent if the blob is held
@@ -364,8 +366,10 @@ impl Blobs {
                         let task = tokio::spawn(
                             async move {
                                 let result = this.run_flight(&d, src).await.map_err(Arc::new);
-                                this.flights.lock().expect("flights poisoned").remove(&d);
+                                let mut flights = this.flights.lock().expect("flights poisoned");
+                                flights.remove(&d);
                                 this.offers.forget(&d);
+                                drop(flights);
                                 result
                             }
                             .instrument(span),
@@ -504,14 +508,18 @@ impl Blobs {
                 let mut b = TorrentBuilder::new(digest.clone(), size)
                     .map_err(|e| TrackerError::Seed(e.to_string()))?;
                 let pl = bay_common::torrent::piece_length_for(size) as u64;
+                let count = size.div_ceil(pl) as u32;
+                let deadline = tokio::time::Instant::now() + crate::offers::time_for(size);
                 let mut next = 0u32;
                 let mut waited = false;
                 let mut gaps = 0;
-                loop {
+                while next < count {
                     let before = next;
                     {
                         let mut run = std::pin::pin!(self.offers.run_from(digest, size, next));
-                        while let Some(Some(data)) = run.next().await {
+                        while let Ok(Some(Some(data))) =
+                            tokio::time::timeout_at(deadline, run.next()).await
+                        {
                             verifier.update(&data);
                             b.update(&data);
                             file.write_all(&data).await?;
@@ -519,6 +527,10 @@ impl Blobs {
                             self.metrics.node_bytes.inc_by(data.len() as u64);
                             next += 1;
                         }
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::info!(next, "reading the pieces nodes offered took too long");
+                        break;
                     }
                     if next > before {
                         continue;
@@ -539,6 +551,9 @@ impl Blobs {
                         break;
                     }
                     gaps += 1;
+                    if after <= next {
+                        continue; // offered again a moment ago
+                    }
                     let (first, last) = (next as u64 * pl, after as u64 * pl - 1);
                     let want = format!("bytes {first}-{last}/{size}");
                     let resp = self

@@ -46,6 +46,21 @@ pub const MAX_GAPS: usize = 16;
 const MAX_BLOBS: usize = 1024;
 const MAX_NODES: usize = 256;
 
+/// Why a piece could not be read from a node.
+enum ReadFailed {
+    /// The node answered that it does not hold the piece.
+    NotHeld(String),
+    /// It could not be reached, broke off, sent the wrong length or took too long: none of its
+    /// pieces are asked for again.
+    Node(String),
+}
+
+/// How long a fetch reads the pieces nodes offered before it asks upstream for the rest: 30 s
+/// plus a second per MiB of the blob (a node's 10 Mbit/s link moves about that).
+pub fn time_for(size: u64) -> Duration {
+    Duration::from_secs(30 + size / (1 << 20))
+}
+
 /// One node's offer.
 struct Offer {
     node: SocketAddr,
@@ -74,14 +89,15 @@ impl Offers {
     }
 
     /// Records what the node at `node` (its exchange address) holds of `digest`, in place of
-    /// what it offered before.
+    /// what it offered before; one offer per IP, so one caller cannot offer through many
+    /// ports.
     pub fn offer(&self, digest: &Digest, node: SocketAddr, held: Held) {
         let mut map = self.offers.lock().expect("offers poisoned");
         if map.len() >= MAX_BLOBS && !map.contains_key(digest) {
             return;
         }
         let offers = map.entry(digest.clone()).or_default();
-        offers.retain(|o| o.node != node);
+        offers.retain(|o| o.node.ip() != node.ip());
         if offers.len() < MAX_NODES {
             offers.push(Offer { node, held });
         }
@@ -92,8 +108,8 @@ impl Offers {
         self.offers.lock().expect("offers poisoned").remove(digest);
     }
 
-    /// The blob's size as the first node to offer pieces saw it (upstream confirms it, see
-    /// `crate::fetch`), if any node offered pieces.
+    /// The blob's size as the nodes offering pieces saw it (`crate::fetch` takes only offers of
+    /// the size upstream's HEAD gave), if any node offered pieces.
     pub fn size(&self, digest: &Digest) -> Option<u64> {
         let map = self.offers.lock().expect("offers poisoned");
         Some(map.get(digest)?.first()?.held.size)
@@ -129,7 +145,15 @@ impl Offers {
         nodes
     }
 
-    /// Withdraws piece `p` from `node`'s offer: it could not be read there.
+    /// Drops `node`'s whole offer: it could not be reached, or did not send a piece in time.
+    fn drop_node(&self, digest: &Digest, node: SocketAddr) {
+        let mut map = self.offers.lock().expect("offers poisoned");
+        if let Some(offers) = map.get_mut(digest) {
+            offers.retain(|o| o.node != node);
+        }
+    }
+
+    /// Withdraws piece `p` from `node`'s offer: the node answered that it does not hold it.
     fn withdraw(&self, digest: &Digest, node: SocketAddr, p: u32) {
         let mut map = self.offers.lock().expect("offers poisoned");
         if let Some(o) = map
@@ -189,9 +213,13 @@ impl Offers {
         for node in nodes {
             match self.read_from(node, digest, p, want).await {
                 Ok(data) => return Some(data),
-                Err(e) => {
+                Err(ReadFailed::NotHeld(e)) => {
                     tracing::debug!(%node, piece = p, "offered piece not read: {e}");
                     self.withdraw(digest, node, p);
+                }
+                Err(ReadFailed::Node(e)) => {
+                    tracing::debug!(%node, piece = p, "node dropped from the offers: {e}");
+                    self.drop_node(digest, node);
                 }
             }
         }
@@ -204,7 +232,7 @@ impl Offers {
         digest: &Digest,
         p: u32,
         want: usize,
-    ) -> Result<Bytes, String> {
+    ) -> Result<Bytes, ReadFailed> {
         let url = format!("http://{node}{}", bay_common::api::exchange_path(digest, p));
         let timeout = PIECE_TIMEOUT + Duration::from_secs(want as u64 / (128 << 10));
         let mut resp = self
@@ -213,19 +241,28 @@ impl Offers {
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReadFailed::Node(e.to_string()))?;
         if resp.status() != reqwest::StatusCode::OK {
-            return Err(format!("answered {}", resp.status()));
+            return Err(ReadFailed::NotHeld(format!("answered {}", resp.status())));
         }
         let mut buf = BytesMut::with_capacity(want);
-        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| ReadFailed::Node(e.to_string()))?
+        {
             if buf.len() + chunk.len() > want {
-                return Err(format!("more than the piece's {want} bytes came"));
+                return Err(ReadFailed::Node(format!(
+                    "more than the piece's {want} bytes came"
+                )));
             }
             buf.extend_from_slice(&chunk);
         }
         if buf.len() != want {
-            return Err(format!("{} of the piece's {want} bytes came", buf.len()));
+            return Err(ReadFailed::Node(format!(
+                "{} of the piece's {want} bytes came",
+                buf.len()
+            )));
         }
         Ok(buf.freeze())
     }
@@ -235,8 +272,8 @@ impl Offers {
 mod tests {
     use super::*;
 
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 9], port))
+    fn addr(node: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, node], 7000))
     }
 
     #[test]
@@ -268,6 +305,20 @@ mod tests {
         assert_eq!(offers.holders(&d, size, 5), vec![addr(2)]);
         // A node's new offer replaces its old one.
         offers.offer(&d, addr(1), Held::parse(1, size, "8-9").unwrap());
+        assert!(offers.holders(&d, size, 0).is_empty());
+        // One offer per IP: another port of node 2 replaces its offer.
+        offers.offer(
+            &d,
+            SocketAddr::from(([127, 0, 0, 2], 7001)),
+            Held::parse(7001, size, "0-0").unwrap(),
+        );
+        assert_eq!(
+            offers.holders(&d, size, 0),
+            vec![SocketAddr::from(([127, 0, 0, 2], 7001))]
+        );
+        assert!(offers.holders(&d, size, 5).is_empty());
+        // A node that could not be reached is dropped whole.
+        offers.drop_node(&d, SocketAddr::from(([127, 0, 0, 2], 7001)));
         assert!(offers.holders(&d, size, 0).is_empty());
         offers.forget(&d);
         assert_eq!(offers.size(&d), None);
