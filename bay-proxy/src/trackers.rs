@@ -70,12 +70,12 @@ pub struct Trackers {
 /// Why a torrent request got no answer to go by.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    /// No connection could be made: worth sending again once, later.
+    /// No connection could be made, or the request's own time ran out: sent again once only
+    /// when the tracker is asked to fetch.
     #[error("{0}")]
     Transport(String),
     /// A connection broke under the request or its answer (a pooled connection that had
-    /// died or timed out, the tracker dying while it answered): sent again at once, on a new
-    /// connection.
+    /// died or timed out, the tracker dying while it answered): sent again at once.
     #[error("{0}")]
     Broken(String),
     /// The tracker answered something that is not a torrent of the blob.
@@ -84,6 +84,22 @@ enum Failure {
     /// The tracker stopped answering its health checks while the request waited.
     #[error("{0}")]
     Hung(String),
+}
+
+/// Whether the kernel timed out an established connection under `e` (ETIMEDOUT), as opposed
+/// to a timeout of reqwest's own.
+fn kernel_timed_out(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+            && io.raw_os_error().is_some()
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// A tracker's answer that is not a torrent but final.
@@ -315,9 +331,9 @@ impl Trackers {
         let answer = async {
             let resp = req.send().await.map_err(|e| {
                 let why = crate::error::chain(&e);
-                // Not `is_timeout`: that also holds for an established connection the
-                // kernel gave up on (ETIMEDOUT), which is what broke in `bench/swarm.sh --chaos`.
-                if e.is_connect() {
+                // `is_timeout` alone would also take an established connection the kernel
+                // gave up on (ETIMEDOUT), which is what broke in `bench/swarm.sh --chaos`.
+                if e.is_connect() || (e.is_timeout() && !kernel_timed_out(&e)) {
                     Failure::Transport(why)
                 } else {
                     Failure::Broken(why)
