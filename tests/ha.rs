@@ -201,12 +201,7 @@ async fn a_tracker_killed_mid_fetch_leaves_what_it_fetched_to_the_next_one() {
     let from_upstream = scrape.value("bay_upstream_bytes_total") as u64;
     // What the registry wrote for each GET of the layer. The dead owner's count includes what
     // sat in its socket's receive buffer, unread under `--upstream-rate`.
-    let gets: Vec<(u16, u64)> = registry
-        .access_log()
-        .into_iter()
-        .filter(|e| e.method == "GET" && e.uri.ends_with(&layer.digest))
-        .map(|e| (e.status, e.bytes))
-        .collect();
+    let gets = registry.blob_get_answers(&layer.digest);
     let mut fallbacks = 0;
     for p in &proxies {
         fallbacks += p.stats().await.unwrap()["fallbacks"].as_u64().unwrap();

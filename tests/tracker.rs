@@ -719,6 +719,19 @@ impl Node {
             .unwrap()
     }
 
+    /// The torrent request at `url` offering pieces `held` of a blob of `size`, as the node's
+    /// proxy sends it.
+    async fn offer(&self, url: &str, size: u64, held: &str) -> reqwest::Response {
+        self.client()
+            .get(format!(
+                "{url}?exchange={}&size={size}&held={held}",
+                self.port
+            ))
+            .send()
+            .await
+            .unwrap()
+    }
+
     fn served(&self) -> u64 {
         self.served.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -728,6 +741,16 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+/// Checks that `resp` is the torrent of `blob` and that the tracker keeps the right bytes.
+async fn assert_right_blob(tracker: &Tracker, digest: &str, blob: &[u8], resp: reqwest::Response) {
+    assert_eq!(resp.status(), StatusCode::OK, "{}", tracker.log_text());
+    let torrent = BlobTorrent::from_metainfo(&resp.bytes().await.unwrap()).unwrap();
+    let right = BlobTorrent::from_bytes(digest.parse().unwrap(), blob).unwrap();
+    assert_eq!(torrent.info_hash(), right.info_hash());
+    let kept = tracker.data_dir().join("blobs").join(torrent.file_name());
+    assert_eq!(sha256_file(&kept).unwrap(), digest);
 }
 
 /// A tracker fetching a blob that nodes already hold part of (its first tracker died
@@ -746,15 +769,7 @@ async fn a_fetch_takes_the_pieces_nodes_offer_and_only_the_rest_from_upstream() 
     let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
 
     // A malformed offer is refused with the offending value, and fetches nothing.
-    let r = a
-        .client()
-        .get(format!(
-            "{url}?exchange={}&size={}&held=5-2",
-            a.port, layer.size
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = a.offer(&url, layer.size, "5-2").await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let body = r.text().await.unwrap();
     assert!(body.contains("held=5-2"), "{body}");
@@ -762,40 +777,19 @@ async fn a_fetch_takes_the_pieces_nodes_offer_and_only_the_rest_from_upstream() 
 
     // As after the first tracker died mid-fetch: a's request starts the fetch, b's joins it a
     // moment later, and the fetch reads what either holds, in order.
-    let (ra, rb) = tokio::join!(
-        a.client()
-            .get(format!(
-                "{url}?exchange={}&size={}&held=0-11",
-                a.port, layer.size
-            ))
-            .send(),
-        async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            b.client()
-                .get(format!(
-                    "{url}?exchange={}&size={}&held=8-19",
-                    b.port, layer.size
-                ))
-                .send()
-                .await
-        }
-    );
-    let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert_eq!(ra.status(), StatusCode::OK, "{}", tracker.log_text());
-    let torrent = BlobTorrent::from_metainfo(&ra.bytes().await.unwrap()).unwrap();
-    let rb = BlobTorrent::from_metainfo(&rb.bytes().await.unwrap()).unwrap();
-    let right = BlobTorrent::from_bytes(layer.digest.parse().unwrap(), &blob).unwrap();
-    assert_eq!(torrent.info_hash(), right.info_hash());
-    assert_eq!(rb.info_hash(), right.info_hash());
-    let kept = tracker.data_dir().join("blobs").join(torrent.file_name());
-    assert_eq!(sha256_file(&kept).unwrap(), layer.digest);
+    let (ra, rb) = tokio::join!(a.offer(&url, layer.size, "0-11"), async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        b.offer(&url, layer.size, "8-19").await
+    });
+    assert_right_blob(&tracker, &layer.digest, &blob, ra).await;
+    assert_right_blob(&tracker, &layer.digest, &blob, rb).await;
 
     let scrape = bay_tests::Scrape::of(&tracker.url()).await.unwrap();
     let from_nodes = scrape.value("bay_node_bytes_total") as u64;
     let from_upstream = scrape.value("bay_upstream_bytes_total") as u64;
-    let (sent, statuses) = registry.blob_bytes_sent(&layer.digest);
+    let gets = registry.blob_get_answers(&layer.digest);
     eprintln!(
-        "from nodes {from_nodes} (a {}, b {}), from upstream {from_upstream}, registry sent {sent} in {statuses:?}",
+        "from nodes {from_nodes} (a {}, b {}), from upstream {from_upstream}, registry's answers {gets:?}",
         a.served(),
         b.served()
     );
@@ -808,8 +802,7 @@ async fn a_fetch_takes_the_pieces_nodes_offer_and_only_the_rest_from_upstream() 
     assert!(b.served() > 0, "b's offer was never used");
     assert_eq!(from_nodes + from_upstream, layer.size);
     // Upstream's own count: the tail, in a 206.
-    assert_eq!(statuses, vec![206]);
-    assert_eq!(sent, from_upstream);
+    assert_eq!(gets, vec![(206, from_upstream)]);
 }
 
 /// Nodes that offer wrong bytes cost a second fetch, never a wrong blob: the digest catches
@@ -821,26 +814,15 @@ async fn wrong_bytes_nodes_offer_are_caught_and_the_blob_fetched_again() {
     let blob = image.blob_bytes(&layer.digest).unwrap();
     let liar = Node::start(blob.clone(), &[0..=7], true).await;
     let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
-    let r = liar
-        .client()
-        .get(format!(
-            "{url}?exchange={}&size={}&held=0-7",
-            liar.port, layer.size
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "{}", tracker.log_text());
-    let torrent = BlobTorrent::from_metainfo(&r.bytes().await.unwrap()).unwrap();
-    let right = BlobTorrent::from_bytes(layer.digest.parse().unwrap(), &blob).unwrap();
-    assert_eq!(torrent.info_hash(), right.info_hash());
-    let kept = tracker.data_dir().join("blobs").join(torrent.file_name());
-    assert_eq!(sha256_file(&kept).unwrap(), layer.digest);
+    let r = liar.offer(&url, layer.size, "0-7").await;
+    assert_right_blob(&tracker, &layer.digest, &blob, r).await;
     let pl = bay_common::torrent::piece_length_for(layer.size) as u64;
     assert_eq!(liar.served(), 8 * pl, "the offered pieces were never read");
-    let (sent, statuses) = registry.blob_bytes_sent(&layer.digest);
-    assert_eq!(statuses, vec![206, 200]);
-    assert_eq!(sent, layer.size - 8 * pl + layer.size);
+    // The tail after the nodes' pieces, then the whole blob again.
+    assert_eq!(
+        registry.blob_get_answers(&layer.digest),
+        vec![(206, layer.size - 8 * pl), (200, layer.size)]
+    );
     assert!(
         tracker.log_text().contains("failed its check"),
         "{}",
@@ -858,30 +840,14 @@ async fn a_gap_between_offered_pieces_comes_from_upstream_alone() {
     let pl = bay_common::torrent::piece_length_for(layer.size) as u64;
     let node = Node::start(blob.clone(), &[0..=5, 10..=19], false).await;
     let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
-    let r = node
-        .client()
-        .get(format!(
-            "{url}?exchange={}&size={}&held=0-5,10-19",
-            node.port, layer.size
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "{}", tracker.log_text());
-    let torrent = BlobTorrent::from_metainfo(&r.bytes().await.unwrap()).unwrap();
-    let right = BlobTorrent::from_bytes(layer.digest.parse().unwrap(), &blob).unwrap();
-    assert_eq!(torrent.info_hash(), right.info_hash());
-    let kept = tracker.data_dir().join("blobs").join(torrent.file_name());
-    assert_eq!(sha256_file(&kept).unwrap(), layer.digest);
+    let r = node.offer(&url, layer.size, "0-5,10-19").await;
+    assert_right_blob(&tracker, &layer.digest, &blob, r).await;
     assert_eq!(node.served(), 16 * pl);
     // Upstream: pieces 6-9, then everything from piece 20 on, each a 206.
-    let gets: Vec<(u16, u64)> = registry
-        .access_log()
-        .into_iter()
-        .filter(|e| e.method == "GET" && e.uri.ends_with(&layer.digest))
-        .map(|e| (e.status, e.bytes))
-        .collect();
-    assert_eq!(gets, vec![(206, 4 * pl), (206, layer.size - 20 * pl)]);
+    assert_eq!(
+        registry.blob_get_answers(&layer.digest),
+        vec![(206, 4 * pl), (206, layer.size - 20 * pl)]
+    );
 }
 
 /// An offer of a size upstream's HEAD does not confirm is ignored: the size would set what the
@@ -895,15 +861,12 @@ async fn an_offer_of_another_size_is_ignored() {
     let node = Node::start(blob, &[0..=3], false).await;
     let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
     for size in [u64::MAX, layer.size + 1] {
-        let r = node
-            .client()
-            .get(format!("{url}?exchange={}&size={size}&held=0-0", node.port))
-            .send()
-            .await
-            .unwrap();
+        let r = node.offer(&url, size, "0-0").await;
         assert_eq!(r.status(), StatusCode::OK, "{}", tracker.log_text());
     }
     assert_eq!(node.served(), 0);
-    let (sent, statuses) = registry.blob_bytes_sent(&layer.digest);
-    assert_eq!((sent, statuses), (layer.size, vec![200]));
+    assert_eq!(
+        registry.blob_get_answers(&layer.digest),
+        vec![(200, layer.size)]
+    );
 }
