@@ -209,6 +209,39 @@ impl Drop for FetchingGuard<'_> {
     }
 }
 
+/// A fetch's bytes as they land, in order: the file in `tmp/`, the digest, and the torrent's
+/// piece hashes once the size is known.
+struct Partial {
+    file: tokio::fs::File,
+    verifier: Verifier,
+    builder: Option<TorrentBuilder>,
+    /// Bytes in the file.
+    len: u64,
+}
+
+impl Partial {
+    async fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.verifier.update(data);
+        if let Some(b) = self.builder.as_mut() {
+            b.update(data);
+        }
+        self.len += data.len() as u64;
+        self.file.write_all(data).await
+    }
+
+    /// Drops what was written: upstream sends the whole blob after all.
+    async fn start_over(&mut self, digest: &Digest) -> std::io::Result<()> {
+        if self.len > 0 {
+            self.file.set_len(0).await?;
+            self.file.seek(std::io::SeekFrom::Start(0)).await?;
+            self.verifier = Verifier::new(digest.algorithm());
+            self.len = 0;
+        }
+        self.builder = None;
+        Ok(())
+    }
+}
+
 /// Whether upstream answered a `Range` request with exactly the range `want`
 /// (`bytes <first>-<last>/<size>`).
 fn partial(resp: &reqwest::Response, want: &str) -> bool {
@@ -494,125 +527,35 @@ impl Blobs {
         let mut taken = 0u64;
         let tmp = self.store.temp_path();
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await?;
-            let mut verifier = Verifier::new(digest.algorithm());
-            let offered = if from_nodes {
-                self.offers.size(digest)
-            } else {
-                None
+            let file = tokio::fs::File::create(&tmp).await?;
+            let mut out = Partial {
+                file,
+                verifier: Verifier::new(digest.algorithm()),
+                builder: None,
+                len: 0,
             };
-            let mut builder = None;
-            // Bytes at the start of the file from the nodes' pieces and the gaps between them.
-            let mut prefix = 0u64;
+            let offered = from_nodes.then(|| self.offers.size(digest)).flatten();
             if let Some(size) = offered {
-                let mut b = TorrentBuilder::new(digest.clone(), size)
-                    .map_err(|e| TrackerError::Seed(e.to_string()))?;
-                let pl = bay_common::torrent::piece_length_for(size) as u64;
-                let count = size.div_ceil(pl) as u32;
-                let deadline = tokio::time::Instant::now() + crate::offers::time_for(size);
-                let mut next = 0u32;
-                let mut waited = false;
-                let mut gaps = 0;
-                while next < count {
-                    let before = next;
-                    {
-                        let mut run = std::pin::pin!(self.offers.run_from(digest, size, next));
-                        while let Ok(Some(Some(data))) =
-                            tokio::time::timeout_at(deadline, run.next()).await
-                        {
-                            verifier.update(&data);
-                            b.update(&data);
-                            file.write_all(&data).await?;
-                            taken += data.len() as u64;
-                            self.metrics.node_bytes.inc_by(data.len() as u64);
-                            next += 1;
-                        }
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::info!(next, "reading the pieces nodes offered took too long");
-                        break;
-                    }
-                    if next > before {
-                        continue;
-                    }
-                    if !waited {
-                        // The nodes ask together as their tracker dies; the next piece may
-                        // be in an offer a moment away.
-                        waited = true;
-                        tokio::time::sleep(crate::offers::LATE_OFFERS).await;
-                        continue;
-                    }
-                    // No node offers piece `next` (it was on its way to a node when the
-                    // tracker died): upstream sends the gap, if nodes offer pieces after it.
-                    let Some(after) = self.offers.next_offered(digest, size, next) else {
-                        break;
-                    };
-                    if gaps == crate::offers::MAX_GAPS {
-                        break;
-                    }
-                    gaps += 1;
-                    if after <= next {
-                        continue; // offered again a moment ago
-                    }
-                    let (first, last) = (next as u64 * pl, after as u64 * pl - 1);
-                    let want = format!("bytes {first}-{last}/{size}");
-                    let resp = self
-                        .upstream
-                        .get_blob_range(
-                            &source.registry,
-                            &source.name,
-                            digest,
-                            &source.creds,
-                            first,
-                            last,
-                        )
-                        .await;
-                    let mut resp = match resp {
-                        Ok(r) if partial(&r, &want) => r,
-                        _ => break,
-                    };
-                    let mut got = 0u64;
-                    while let Some(chunk) = resp
-                        .chunk()
-                        .await
-                        .map_err(|e| TrackerError::Upstream(transport(&source.registry, e)))?
-                    {
-                        got += chunk.len() as u64;
-                        if got > last + 1 - first {
-                            break;
-                        }
-                        self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
-                        received += chunk.len() as u64;
-                        self.limits.take(chunk.len()).await;
-                        verifier.update(&chunk);
-                        b.update(&chunk);
-                        file.write_all(&chunk).await?;
-                    }
-                    if got != last + 1 - first {
-                        return Err(TrackerError::SizeMismatch {
-                            digest: digest.to_string(),
-                            expected: last + 1 - first,
-                            got,
-                        });
-                    }
-                    next = after;
-                }
-                prefix = (next as u64 * pl).min(size);
-                builder = Some(b);
+                out.builder = Some(
+                    TorrentBuilder::new(digest.clone(), size)
+                        .map_err(|e| TrackerError::Seed(e.to_string()))?,
+                );
+                self.take_offered(digest, source, size, &mut out, &mut taken, &mut received)
+                    .await?;
                 // Early readers may read the nodes' pieces from the file.
-                file.flush().await?;
+                out.file.flush().await?;
             }
-            // Upstream resumes where the prefix ends, or sends the whole blob.
+            // Upstream resumes where the nodes' pieces end, or sends the whole blob.
             let mut resp = None;
             let mut resumed = false;
-            if let Some(size) = offered.filter(|_| prefix > 0) {
+            if let Some(size) = offered.filter(|_| out.len > 0) {
                 tracing::info!(
                     taken,
-                    prefix,
+                    prefix = out.len,
                     "took the pieces nodes offered; asking upstream for the rest"
                 );
-                let want = format!("bytes {prefix}-{}/{size}", size - 1);
-                if prefix == size {
+                let want = format!("bytes {}-{}/{size}", out.len, size - 1);
+                if out.len == size {
                     resumed = true;
                 } else {
                     match self
@@ -622,7 +565,7 @@ impl Blobs {
                             &source.name,
                             digest,
                             &source.creds,
-                            prefix,
+                            out.len,
                         )
                         .await
                     {
@@ -643,15 +586,9 @@ impl Blobs {
                     }
                 }
             }
-            if !resumed && prefix > 0 {
-                file.set_len(0).await?;
-                file.seek(std::io::SeekFrom::Start(0)).await?;
-                verifier = Verifier::new(digest.algorithm());
-                taken = 0;
-                prefix = 0;
-            }
             if !resumed {
-                builder = None;
+                out.start_over(digest).await?;
+                taken = 0;
                 resp = Some(
                     self.upstream
                         .get_blob(&source.registry, &source.name, digest, &source.creds)
@@ -664,7 +601,7 @@ impl Blobs {
             };
             let mut early = match announced {
                 Some(size) if size > 0 => {
-                    let (tx, rx) = watch::channel(Progress::Written(prefix));
+                    let (tx, rx) = watch::channel(Progress::Written(out.len));
                     self.fetching.lock().expect("fetching poisoned").insert(
                         digest.clone(),
                         Arc::new(Fetching::new(
@@ -678,13 +615,13 @@ impl Blobs {
                         blobs: self,
                         digest: digest.clone(),
                         progress: tx,
-                        published: prefix,
+                        published: out.len,
                     })
                 }
                 _ => None,
             };
-            if builder.is_none() {
-                builder = match announced {
+            if out.builder.is_none() {
+                out.builder = match announced {
                     Some(0) => return Err(TrackerError::Empty(digest.to_string())),
                     Some(n) => Some(
                         TorrentBuilder::new(digest.clone(), n)
@@ -693,7 +630,6 @@ impl Blobs {
                     None => None,
                 };
             }
-            let mut written = prefix;
             while let Some(chunk) = match resp.as_mut() {
                 Some(r) => r
                     .chunk()
@@ -701,24 +637,23 @@ impl Blobs {
                     .map_err(|e| TrackerError::Upstream(transport(&source.registry, e)))?,
                 None => None,
             } {
-                self.metrics.upstream_bytes.inc_by(chunk.len() as u64);
-                received += chunk.len() as u64;
-                written += chunk.len() as u64;
-                self.limits.take(chunk.len()).await;
-                verifier.update(&chunk);
-                if let Some(b) = builder.as_mut() {
-                    b.update(&chunk);
-                }
-                file.write_all(&chunk).await?;
+                self.count_upstream(chunk.len(), &mut received).await;
+                out.append(&chunk).await?;
                 if let Some(e) = early.as_mut()
-                    && written - e.published >= PUBLISH_EVERY
+                    && out.len - e.published >= PUBLISH_EVERY
                 {
                     // Written means readable from another handle: the last write may still
                     // be on the blocking pool.
-                    file.flush().await?;
-                    e.written(written);
+                    out.file.flush().await?;
+                    e.written(out.len);
                 }
             }
+            let Partial {
+                mut file,
+                verifier,
+                builder,
+                ..
+            } = out;
             let got_size = verifier.bytes_hashed();
             let got = verifier.finish();
             if &got != digest {
@@ -768,6 +703,111 @@ impl Blobs {
             }
         }
         result.map_err(|e| (e, taken))
+    }
+
+    /// Counts `n` bytes received from upstream, and waits for `--upstream-rate`.
+    async fn count_upstream(&self, n: usize, received: &mut u64) {
+        self.metrics.upstream_bytes.inc_by(n as u64);
+        *received += n as u64;
+        self.limits.take(n).await;
+    }
+
+    /// Writes the pieces nodes offered into `out` in order (`crate::offers`), each gap between
+    /// them fetched from upstream alone, until no node offers more; `out.len` then says how far
+    /// the file reaches. `taken` counts the nodes' bytes, `received` upstream's.
+    async fn take_offered(
+        &self,
+        digest: &Digest,
+        source: &Source,
+        size: u64,
+        out: &mut Partial,
+        taken: &mut u64,
+        received: &mut u64,
+    ) -> Result<(), TrackerError> {
+        let pl = bay_common::torrent::piece_length_for(size) as u64;
+        let count = size.div_ceil(pl) as u32;
+        let deadline = tokio::time::Instant::now() + crate::offers::time_for(size);
+        let mut next = 0u32;
+        let mut waited = false;
+        let mut gaps = 0;
+        while next < count {
+            let before = next;
+            {
+                let mut run = std::pin::pin!(self.offers.run_from(digest, size, next));
+                while let Ok(Some(Some(data))) = tokio::time::timeout_at(deadline, run.next()).await
+                {
+                    out.append(&data).await?;
+                    *taken += data.len() as u64;
+                    self.metrics.node_bytes.inc_by(data.len() as u64);
+                    next += 1;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::info!(next, "reading the pieces nodes offered took too long");
+                return Ok(());
+            }
+            if next > before {
+                continue;
+            }
+            if !waited {
+                // The nodes ask together as their tracker dies; the next piece may be in an
+                // offer a moment away.
+                waited = true;
+                tokio::time::sleep(crate::offers::LATE_OFFERS).await;
+                continue;
+            }
+            // No node offers piece `next` (it was on its way to a node when the tracker
+            // died): upstream sends the gap, if nodes offer pieces after it.
+            let Some(after) = self.offers.next_offered(digest, size, next) else {
+                return Ok(());
+            };
+            if gaps == crate::offers::MAX_GAPS {
+                return Ok(());
+            }
+            gaps += 1;
+            if after <= next {
+                continue; // offered again a moment ago
+            }
+            let (first, last) = (next as u64 * pl, after as u64 * pl - 1);
+            let want = format!("bytes {first}-{last}/{size}");
+            let resp = self
+                .upstream
+                .get_blob_range(
+                    &source.registry,
+                    &source.name,
+                    digest,
+                    &source.creds,
+                    first,
+                    last,
+                )
+                .await;
+            let mut resp = match resp {
+                Ok(r) if partial(&r, &want) => r,
+                _ => return Ok(()),
+            };
+            let (expected, mut got) = (last + 1 - first, 0u64);
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| TrackerError::Upstream(transport(&source.registry, e)))?
+            {
+                got += chunk.len() as u64;
+                if got > expected {
+                    break;
+                }
+                self.count_upstream(chunk.len(), received).await;
+                out.append(&chunk).await?;
+            }
+            if got != expected {
+                return Err(TrackerError::SizeMismatch {
+                    digest: digest.to_string(),
+                    expected,
+                    got,
+                });
+            }
+            next = after;
+        }
+        Ok(())
     }
 
     /// Drops a held blob whose file no longer matches its torrent (bit rot, a disk error, a
