@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use bay_tests::{
-    Image, Proxy, Registry, RegistryOptions, Tracker, http_client, sha256_file, skopeo_pull,
+    ExchangeNode, Image, Proxy, Registry, RegistryOptions, Tracker, http_client, sha256_file,
+    skopeo_pull,
 };
 use reqwest::StatusCode;
 
@@ -617,20 +618,22 @@ async fn a_node_passing_on_wrong_bytes_early_costs_time_not_correctness() {
     let c = cluster(&[8 << 20], &["--upstream-rate", "1M"]).await;
     let layer = c.image.layers[0].clone();
     let proxies = patient_proxies(&c, 3).await;
-    let liar = Liar::start(layer.size).await;
+    // A node passing on wrong bytes for every piece asked of it.
+    let blob = c.image.blob_bytes(&layer.digest).unwrap();
+    let liar = ExchangeNode::start(blob, &[0..=u64::MAX], true).await;
     let early = format!(
         "{}/v1/early/{}/test/img/blobs/{}",
         c.tracker.url(),
         c.registry.authority(),
         layer.digest
     );
-    let lying = liar.take_pieces(early, layer.size);
+    let lying = take_pieces(&liar, early, layer.size);
     let pulls = pull_blob_everywhere(&proxies, &layer.digest);
     let (taken, digests) = tokio::join!(lying, pulls);
     for d in digests {
         assert_eq!(d, layer.digest, "a client got a wrong blob");
     }
-    let lies = liar.served.load(std::sync::atomic::Ordering::Relaxed);
+    let lies = liar.served();
     eprintln!("the liar took {taken} pieces from the tracker and served {lies} wrong bytes");
     assert!(
         taken > 0 && lies > 0,
@@ -655,80 +658,29 @@ async fn a_node_passing_on_wrong_bytes_early_costs_time_not_correctness() {
     assert_eq!(c.registry.blob_gets(&layer.digest), 1);
 }
 
-/// A node on its own loopback address that reads pieces early like a proxy and passes on
-/// wrong bytes for every piece asked of it.
-struct Liar {
-    ip: std::net::Ipv4Addr,
-    port: u16,
-    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Liar {
-    async fn start(size: u64) -> Liar {
-        use axum::extract::Path;
-        let ip = bay_tests::loopback_ip();
-        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = served.clone();
-        let pl = bay_common::torrent::piece_length_for(size) as u64;
-        let app = axum::Router::new().route(
-            "/v1/exchange/{digest}/{piece}",
-            axum::routing::get(move |Path((_, p)): Path<(String, u64)>| {
-                let counted = counted.clone();
-                async move {
-                    let len = pl.min(size.saturating_sub(p * pl));
-                    counted.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-                    vec![0x5a; len as usize]
-                }
-            }),
-        );
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Liar {
-            ip,
-            port,
-            served,
-            server,
-        }
-    }
-
-    /// Reads pieces early from the tracker (URL `early`, without query) as a node passing
-    /// them on at its address would, until none is left; how many it got.
-    async fn take_pieces(&self, early: String, size: u64) -> u64 {
-        let client = reqwest::Client::builder()
-            .local_address(std::net::IpAddr::V4(self.ip))
-            .no_proxy()
-            .build()
+/// Reads pieces early from the tracker (URL `early`, without query) the way a proxy at
+/// `node`'s address that passes them on would, until none is left; how many it got.
+async fn take_pieces(node: &ExchangeNode, early: String, size: u64) -> u64 {
+    let client = node.client();
+    let url = format!("{early}?exchange={}", node.port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut taken = 0;
+    while std::time::Instant::now() < deadline {
+        let r = client
+            .get(&url)
+            .header("range", format!("bytes=0-{}", size - 1))
+            .send()
+            .await
             .unwrap();
-        let url = format!("{early}?exchange={}", self.port);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let mut taken = 0;
-        while std::time::Instant::now() < deadline {
-            let r = client
-                .get(&url)
-                .header("range", format!("bytes=0-{}", size - 1))
-                .send()
-                .await
-                .unwrap();
-            match r.status() {
-                StatusCode::PARTIAL_CONTENT => {
-                    r.bytes().await.unwrap();
-                    taken += 1;
-                }
-                StatusCode::RANGE_NOT_SATISFIABLE => break,
-                StatusCode::NOT_FOUND if taken > 0 => break, // the fetch is over
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        match r.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                r.bytes().await.unwrap();
+                taken += 1;
             }
+            StatusCode::RANGE_NOT_SATISFIABLE => break,
+            StatusCode::NOT_FOUND if taken > 0 => break, // the fetch is over
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-        taken
     }
-}
-
-impl Drop for Liar {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+    taken
 }

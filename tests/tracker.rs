@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bay_common::torrent::BlobTorrent;
 use bay_tests::{
-    Image, Registry, RegistryOptions, Tracker, aria2_download, http_client, sha256_file,
+    ExchangeNode, Image, Registry, RegistryOptions, Tracker, aria2_download, http_client,
+    sha256_file,
 };
 use reqwest::StatusCode;
 
@@ -659,88 +660,17 @@ fn compact_peer_ports(answer: &[u8]) -> Vec<u16> {
         .collect()
 }
 
-/// A node on its own loopback address that holds pieces of a blob from an early read and
-/// serves them on its exchange port, right or all wrong; counts what it served.
-struct Node {
-    ip: std::net::Ipv4Addr,
-    port: u16,
-    served: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Node {
-    async fn start(blob: Vec<u8>, held: &[std::ops::RangeInclusive<u64>], wrong: bool) -> Node {
-        use axum::extract::Path;
-        use std::sync::atomic::Ordering;
-        let ip = bay_tests::loopback_ip();
-        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = served.clone();
-        let blob = std::sync::Arc::new(blob);
-        let held = std::sync::Arc::new(held.to_vec());
-        let pl = bay_common::torrent::piece_length_for(blob.len() as u64) as u64;
-        let app = axum::Router::new().route(
-            "/v1/exchange/{digest}/{piece}",
-            axum::routing::get(move |Path((_, p)): Path<(String, u64)>| {
-                let (counted, blob, held) = (counted.clone(), blob.clone(), held.clone());
-                async move {
-                    if !held.iter().any(|r| r.contains(&p)) {
-                        return Err(StatusCode::NOT_FOUND);
-                    }
-                    let start = (p * pl) as usize;
-                    let end = (start + pl as usize).min(blob.len());
-                    counted.fetch_add((end - start) as u64, Ordering::Relaxed);
-                    let mut data = blob[start..end].to_vec();
-                    if wrong {
-                        data.iter_mut().for_each(|b| *b = !*b);
-                    }
-                    Ok(data)
-                }
-            }),
-        );
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Node {
-            ip,
-            port,
-            served,
-            server,
-        }
-    }
-
-    /// A client whose requests come from the node's address, as its proxy's would.
-    fn client(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .local_address(std::net::IpAddr::V4(self.ip))
-            .no_proxy()
-            .build()
-            .unwrap()
-    }
-
-    /// The torrent request at `url` offering pieces `held` of a blob of `size`, as the node's
-    /// proxy sends it.
-    async fn offer(&self, url: &str, size: u64, held: &str) -> reqwest::Response {
-        self.client()
-            .get(format!(
-                "{url}?exchange={}&size={size}&held={held}",
-                self.port
-            ))
-            .send()
-            .await
-            .unwrap()
-    }
-
-    fn served(&self) -> u64 {
-        self.served.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+/// The torrent request at `url` offering pieces `held` of a blob of `size`, as `node`'s proxy
+/// sends it.
+async fn offer(node: &ExchangeNode, url: &str, size: u64, held: &str) -> reqwest::Response {
+    node.client()
+        .get(format!(
+            "{url}?exchange={}&size={size}&held={held}",
+            node.port
+        ))
+        .send()
+        .await
+        .unwrap()
 }
 
 /// Checks that `resp` is the torrent of `blob` and that the tracker keeps the right bytes.
@@ -764,12 +694,12 @@ async fn a_fetch_takes_the_pieces_nodes_offer_and_only_the_rest_from_upstream() 
     let pl = bay_common::torrent::piece_length_for(layer.size) as u64;
     // Two nodes: one holds pieces 0-11, the other 8-19 (pieces both hold are read from
     // either).
-    let a = Node::start(blob.clone(), &[0..=11], false).await;
-    let b = Node::start(blob.clone(), &[8..=19], false).await;
+    let a = ExchangeNode::start(blob.clone(), &[0..=11], false).await;
+    let b = ExchangeNode::start(blob.clone(), &[8..=19], false).await;
     let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
 
     // A malformed offer is refused with the offending value, and fetches nothing.
-    let r = a.offer(&url, layer.size, "5-2").await;
+    let r = offer(&a, &url, layer.size, "5-2").await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let body = r.text().await.unwrap();
     assert!(body.contains("held=5-2"), "{body}");
@@ -777,9 +707,9 @@ async fn a_fetch_takes_the_pieces_nodes_offer_and_only_the_rest_from_upstream() 
 
     // As after the first tracker died mid-fetch: a's request starts the fetch, b's joins it a
     // moment later, and the fetch reads what either holds, in order.
-    let (ra, rb) = tokio::join!(a.offer(&url, layer.size, "0-11"), async {
+    let (ra, rb) = tokio::join!(offer(&a, &url, layer.size, "0-11"), async {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        b.offer(&url, layer.size, "8-19").await
+        offer(&b, &url, layer.size, "8-19").await
     });
     assert_right_blob(&tracker, &layer.digest, &blob, ra).await;
     assert_right_blob(&tracker, &layer.digest, &blob, rb).await;
@@ -812,9 +742,9 @@ async fn wrong_bytes_nodes_offer_are_caught_and_the_blob_fetched_again() {
     let (registry, image, tracker) = setup(&[4 << 20], &[]).await;
     let layer = &image.layers[0];
     let blob = image.blob_bytes(&layer.digest).unwrap();
-    let liar = Node::start(blob.clone(), &[0..=7], true).await;
+    let liar = ExchangeNode::start(blob.clone(), &[0..=7], true).await;
     let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
-    let r = liar.offer(&url, layer.size, "0-7").await;
+    let r = offer(&liar, &url, layer.size, "0-7").await;
     assert_right_blob(&tracker, &layer.digest, &blob, r).await;
     let pl = bay_common::torrent::piece_length_for(layer.size) as u64;
     assert_eq!(liar.served(), 8 * pl, "the offered pieces were never read");
@@ -838,9 +768,9 @@ async fn a_gap_between_offered_pieces_comes_from_upstream_alone() {
     let layer = &image.layers[0];
     let blob = image.blob_bytes(&layer.digest).unwrap();
     let pl = bay_common::torrent::piece_length_for(layer.size) as u64;
-    let node = Node::start(blob.clone(), &[0..=5, 10..=19], false).await;
+    let node = ExchangeNode::start(blob.clone(), &[0..=5, 10..=19], false).await;
     let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
-    let r = node.offer(&url, layer.size, "0-5,10-19").await;
+    let r = offer(&node, &url, layer.size, "0-5,10-19").await;
     assert_right_blob(&tracker, &layer.digest, &blob, r).await;
     assert_eq!(node.served(), 16 * pl);
     // Upstream: pieces 6-9, then everything from piece 20 on, each a 206.
@@ -858,10 +788,10 @@ async fn an_offer_of_another_size_is_ignored() {
     let (registry, image, tracker) = setup(&[2 << 20], &[]).await;
     let layer = &image.layers[0];
     let blob = image.blob_bytes(&layer.digest).unwrap();
-    let node = Node::start(blob, &[0..=3], false).await;
+    let node = ExchangeNode::start(blob, &[0..=3], false).await;
     let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
     for size in [u64::MAX, layer.size + 1] {
-        let r = node.offer(&url, size, "0-0").await;
+        let r = offer(&node, &url, size, "0-0").await;
         assert_eq!(r.status(), StatusCode::OK, "{}", tracker.log_text());
     }
     assert_eq!(node.served(), 0);
