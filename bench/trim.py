@@ -43,6 +43,8 @@ def trim(run: Path, plot: bool, series: bool, curves: bool) -> None:
         if md.exists():
             lines = md.read_text().splitlines(keepends=True)
             md.write_text("".join(line for line in lines if not line.startswith("Plot: [cdf.png]")))
+        if str(data.get("plot", "")).endswith("cdf.png"):
+            data.pop("plot")
     for mode in (data.get("modes") or {}).values():
         if not isinstance(mode, dict):
             continue
