@@ -888,7 +888,12 @@ mod tests {
 
     #[tokio::test]
     async fn passthrough_answers_502_unavailable_when_upstream_is_down() {
-        let closed = loopback().await.local_addr().unwrap(); // dropped: nothing listens
+        // Bound but not listening: connections are refused, and no test running beside this
+        // one can take the port (a listener dropped at once left it to the next test's fake
+        // upstream, which then answered here).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let closed = socket.local_addr().unwrap();
         let proxy = proxy_to(closed).await;
 
         let response = client()
