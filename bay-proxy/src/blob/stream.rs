@@ -74,7 +74,7 @@ impl Tee {
     }
 
     /// Returns false (and gives up caching) on a write error such as a full disk.
-    pub(super) async fn write(&mut self, chunk: &[u8]) -> bool {
+    async fn write(&mut self, chunk: &[u8]) -> bool {
         let (Some(f), Some(t)) = (self.file.as_mut(), self.torrent.as_mut()) else {
             return false;
         };
@@ -213,7 +213,7 @@ impl VerifyingBody {
         }
     }
 
-    pub(super) async fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
+    async fn finish(&mut self) -> Option<std::io::Result<Bytes>> {
         let got = self.verifier.take().expect("finished once").finish();
         if let Source::Swarm { download, .. } = &self.source
             && got == self.digest
@@ -254,14 +254,14 @@ impl VerifyingBody {
     /// Moves a verified upstream download into the cache and seeds it. A failure costs only
     /// the caching (the client got the verified blob): it is logged with its cause and counted
     /// (`bay_cache_commit_failures_total`).
-    pub(super) async fn commit(&mut self, tee: Tee) {
+    async fn commit(&mut self, tee: Tee) {
         if let Err(why) = self.try_commit(tee).await {
             tracing::warn!(digest = %self.digest, "verified blob from upstream not cached: {why}");
             self.blobs.metrics.commit_failures.inc();
         }
     }
 
-    pub(super) async fn try_commit(&mut self, mut tee: Tee) -> Result<(), String> {
+    async fn try_commit(&mut self, mut tee: Tee) -> Result<(), String> {
         let mut file = tee
             .file
             .take()
@@ -301,7 +301,7 @@ impl VerifyingBody {
         }
     }
 
-    pub(super) async fn read_chunk(&mut self) -> std::io::Result<Bytes> {
+    async fn read_chunk(&mut self) -> std::io::Result<Bytes> {
         loop {
             match &mut self.source {
                 Source::File { file } => {
@@ -440,11 +440,7 @@ impl VerifyingBody {
     /// tail too (librqbit can pass its last piece back and forth between two fast peers without
     /// taking it from either); a tracker that seeds the blob has it, and upstream would send it
     /// once more.
-    pub(super) async fn switch_to_tracker(
-        &mut self,
-        sources: &[url::Url],
-        torrent: Arc<BlobTorrent>,
-    ) -> bool {
+    async fn switch_to_tracker(&mut self, sources: &[url::Url], torrent: Arc<BlobTorrent>) -> bool {
         let pl = torrent.piece_length() as u64;
         let first = (self.sent / pl) as u32;
         let start = first as u64 * pl;
@@ -471,7 +467,7 @@ impl VerifyingBody {
         false
     }
 
-    pub(super) async fn switch_to_upstream(&mut self) -> std::io::Result<()> {
+    async fn switch_to_upstream(&mut self) -> std::io::Result<()> {
         let Some(r) = &self.req else {
             return Err(std::io::Error::other("no upstream to continue from"));
         };
