@@ -123,7 +123,16 @@ async fn pulls_survive_losing_the_owning_tracker() {
     for blob in stormy.layers.iter().chain([&stormy.config]) {
         let gets = registry.blob_gets(&blob.digest);
         if owner(&urls, &blob.digest) == victim {
-            assert!((1..=2).contains(&gets), "{}: {gets} GETs", blob.digest);
+            // The next owner fetches it again, whole or (reading first what the nodes got
+            // through the swarm) in ranges: never more than twice its bytes.
+            let answers = registry.blob_get_answers(&blob.digest);
+            let sent: u64 = answers.iter().map(|(_, bytes)| bytes).sum();
+            assert!(
+                (blob.size..=2 * blob.size).contains(&sent),
+                "{}: upstream sent {sent} bytes of {}: {answers:?}",
+                blob.digest,
+                blob.size
+            );
         } else {
             assert_eq!(
                 gets, 1,
@@ -218,6 +227,96 @@ async fn a_tracker_killed_mid_fetch_leaves_what_it_fetched_to_the_next_one() {
     );
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert_eq!(gets[1], (206, layer.size - from_nodes));
+    assert_eq!(fallbacks, 0);
+}
+
+/// The only tracker holding a layer dies while three proxies pull it (a warm pull): their
+/// downloads stall and ask the next tracker, which fetches the layer again, but reads first the
+/// pieces the proxies already verified through the swarm from their exchange ports, and asks
+/// upstream only for the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tracker_killed_mid_pull_leaves_what_the_nodes_got_to_the_next_one() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    // The holder sends slowly, so the pull is still going when it dies.
+    let mut trackers = [
+        Tracker::start(&[registry.url()], &["--upload-limit", "2M"])
+            .await
+            .unwrap(),
+        Tracker::start(&[registry.url()], &["--upload-limit", "2M"])
+            .await
+            .unwrap(),
+    ];
+    let urls: Vec<String> = trackers.iter().map(|t| t.url()).collect();
+    let image = Image::generate(&[16 << 20], 43).unwrap();
+    image.push(&registry, "ha/midpull:1", None).await.unwrap();
+    let layer = image.layers[0].clone();
+    let victim = owner(&urls, &layer.digest);
+    let survivor = 1 - victim;
+    let r = bay_tests::http_client()
+        .get(format!(
+            "{}/v1/torrents/{}/ha/midpull/blobs/{}",
+            urls[victim],
+            registry.authority(),
+            layer.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        proxies.push(
+            Proxy::start(&urls, &registry.url(), &["--stall-timeout", "2"])
+                .await
+                .unwrap(),
+        );
+    }
+    let pulls = pull_all(&proxies, &image, "ha/midpull:1");
+    let killer = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let sent = Scrape::of(&trackers[victim].url())
+                .await
+                .map_or(0.0, |s| s.value("bay_piece_bytes_served_total"));
+            if sent >= 0.4 * layer.size as f64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the holder sent only {sent} bytes"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        trackers[victim].kill();
+    };
+    tokio::join!(pulls, killer);
+
+    let scrape = Scrape::of(&trackers[survivor].url()).await.unwrap();
+    let from_nodes = scrape.value("bay_node_bytes_total") as u64;
+    let gets = registry.blob_get_answers(&layer.digest);
+    let mut fallbacks = 0;
+    for p in &proxies {
+        fallbacks += p.stats().await.unwrap()["fallbacks"].as_u64().unwrap();
+    }
+    eprintln!(
+        "16 MiB layer, its only holder killed 40 % into a warm pull by three proxies: the next \
+         tracker read {from_nodes} bytes from the proxies; the registry's GETs of the layer \
+         (status, bytes): {gets:?}; fallbacks {fallbacks}"
+    );
+    assert!(
+        from_nodes >= layer.size * 3 / 10,
+        "the next tracker took only {from_nodes} bytes from the proxies: {}",
+        trackers[survivor].log_text()
+    );
+    // The holder's fetch, then only ranges: the gaps between the pieces the nodes offered and
+    // the tail after them.
+    assert_eq!(gets[0], (200, layer.size), "{gets:?}");
+    assert!(
+        gets[1..].iter().all(|(status, _)| *status == 206),
+        "{gets:?}"
+    );
+    let again: u64 = gets[1..].iter().map(|(_, bytes)| bytes).sum();
+    assert_eq!(again, layer.size - from_nodes, "{gets:?}");
     assert_eq!(fallbacks, 0);
 }
 

@@ -235,6 +235,20 @@ impl Blobs {
         })
     }
 
+    /// Piece `p` of a blob this node is downloading, if librqbit verified it here: what the
+    /// exchange port serves beside early reads (a tracker taking over a fetch reads it).
+    pub async fn landed_piece(&self, digest: &Digest, p: u32) -> Option<Bytes> {
+        let landing = self.running(digest)?.landing.clone();
+        match tokio::task::spawn_blocking(move || landing.verified_piece(p)).await {
+            Ok(Ok(piece)) => piece,
+            Ok(Err(e)) => {
+                tracing::debug!(digest = %digest, "reading piece {p} back: {e:#}");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Keeps a read whose torrent came going for [`early::LINGER`].
     fn linger(&self, digest: Digest, lingering: early::Lingering) {
         let holding = lingering.holding();
@@ -538,7 +552,11 @@ impl Blobs {
         // spares upstream what a tracker that died mid-fetch had fetched.
         let held = || {
             let port = self.exchange.as_ref()?.port();
-            self.early_holding(&req.digest)?.held(port)
+            self.early_holding(&req.digest)
+                .and_then(|h| h.held(port))
+                // A download asking again because its swarm stalled (its tracker died or
+                // hangs) offers what it got through the swarm.
+                .or_else(|| self.running(&req.digest)?.landing.held(port))
         };
         self.trackers
             .torrent(

@@ -9,6 +9,10 @@
 //! offers the pieces to librqbit, which checks each against the torrent once it comes.
 //! Anyone who can derive the info hash can download the same bytes from the swarm, and this
 //! serves nothing else.
+//!
+//! The port also serves the pieces librqbit verified of a download in progress: a tracker that
+//! takes over the fetch of a blob whose only holder died or hangs reads them back from the
+//! nodes instead of from upstream (`bay-tracker/src/offers.rs`).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -136,10 +140,15 @@ async fn piece(
     let Ok(p) = piece.parse::<u32>() else {
         return not_held().into_response();
     };
-    let Some(holding) = blobs.early_holding(&d) else {
-        return not_held().into_response();
+    let early = match blobs.early_holding(&d) {
+        Some(holding) => holding.piece(p).await,
+        None => None,
     };
-    match holding.piece(p).await {
+    let piece = match early {
+        Some(data) => Some(data),
+        None => blobs.landed_piece(&d, p).await,
+    };
+    match piece {
         Some(data) => {
             blobs.metrics.exchange_sent.inc_by(data.len() as u64);
             data.into_response()

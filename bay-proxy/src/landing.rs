@@ -142,6 +142,39 @@ impl Landing {
         }
     }
 
+    /// What a node offers of this download to a tracker that fetches the blob again
+    /// (`bay_common::api::Held`): the pieces librqbit verified, read back on `exchange`.
+    pub fn held(&self, exchange: u16) -> Option<bay_common::api::Held> {
+        let verified: Vec<u32> = {
+            let st = self.lock();
+            (0..st.verified.len() as u32)
+                .filter(|p| st.verified[*p as usize])
+                .collect()
+        };
+        bay_common::api::Held::from_pieces(exchange, self.torrent.size(), verified)
+    }
+
+    /// Verified piece `p`, from memory or the file; None if it is not verified here. Reads
+    /// the file: call it off the runtime's workers.
+    pub fn verified_piece(&self, p: u32) -> anyhow::Result<Option<Bytes>> {
+        if p as usize >= self.torrent.piece_count() {
+            return Ok(None);
+        }
+        {
+            let st = self.lock();
+            if !st.verified[p as usize] {
+                return Ok(None);
+            }
+            if let Some(data) = st.held.get(&p) {
+                return Ok(Some(data.clone()));
+            }
+            // Verified and not held: written (pieces leave memory only once written).
+        }
+        let mut buf = vec![0u8; self.torrent.piece_size(p as usize) as usize];
+        self.file()?.read_exact_at(&mut buf, self.piece_start(p))?;
+        Ok(Some(Bytes::from(buf)))
+    }
+
     fn piece_start(&self, p: u32) -> u64 {
         p as u64 * self.torrent.piece_length() as u64
     }
@@ -531,6 +564,46 @@ mod tests {
             }
             out.extend_from_slice(&c);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_a_download_offers_is_what_librqbit_verified_and_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = blob();
+        let (l, s) = landing(dir.path().join("blob"), &data);
+        assert!(l.held(7000).is_none(), "nothing verified, nothing offered");
+        land(&s, &data, 0);
+        land(&s, &data, 1);
+        land(&s, &data, 3);
+        // Half of piece 2 written, not verified.
+        s.pwrite_all(0, 2 * PIECE as u64, &data[2 * PIECE..2 * PIECE + PIECE / 2])
+            .unwrap();
+        let held = l.held(7000).unwrap();
+        assert_eq!(held.exchange, 7000);
+        assert_eq!(held.size, data.len() as u64);
+        assert_eq!(held.runs, vec![(0, 1), (3, 3)]);
+        // Written and out of memory (nobody reads), they come back from the file.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while l.lock().written_count < 3 || !l.lock().held.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer wrote them"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        for p in [0usize, 1, 3] {
+            let end = ((p + 1) * PIECE).min(data.len());
+            let got = l.verified_piece(p as u32).unwrap().unwrap();
+            assert!(got == data[p * PIECE..end], "piece {p} reads back whole");
+        }
+        assert!(
+            l.verified_piece(2).unwrap().is_none(),
+            "a half piece is not offered"
+        );
+        assert!(
+            l.verified_piece(4).unwrap().is_none(),
+            "past the last piece"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
