@@ -1179,6 +1179,7 @@ async fn tracker_serving_corrupted_pieces() {
 struct TamperingRelay {
     addr: SocketAddr,
     tampered: Arc<AtomicU64>,
+    trickled: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -1190,12 +1191,18 @@ enum RelayFault {
     /// Refuses (503) every request but one for the whole blob of this size: the web seed's
     /// runs fail, a client stream continuing from the start gets through.
     OnlyWholeBlob(u64),
+    /// Refuses the web seed's runs until a request for the whole blob of this size comes, then
+    /// lets them through; sends that whole blob at 160 KiB/s.
+    SlowWholeBlob(u64),
 }
 
 struct RelayState {
     target: String,
     fault: RelayFault,
     tampered: Arc<AtomicU64>,
+    /// Bytes of the slow whole blob handed to the connection so far.
+    trickled: Arc<AtomicU64>,
+    whole_asked: std::sync::atomic::AtomicBool,
     client: reqwest::Client,
 }
 
@@ -1210,10 +1217,13 @@ impl TamperingRelay {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let tampered = Arc::new(AtomicU64::new(0));
+        let trickled = Arc::new(AtomicU64::new(0));
         let state = Arc::new(RelayState {
             target: target.trim_end_matches('/').to_string(),
             fault,
             tampered: tampered.clone(),
+            trickled: trickled.clone(),
+            whole_asked: Default::default(),
             client: http_client(),
         });
         let app = axum::Router::new().fallback(relay).with_state(state);
@@ -1221,6 +1231,7 @@ impl TamperingRelay {
         TamperingRelay {
             addr,
             tampered,
+            trickled,
             task,
         }
     }
@@ -1232,6 +1243,11 @@ impl TamperingRelay {
     /// How many answers it changed or refused.
     fn tampered(&self) -> u64 {
         self.tampered.load(Ordering::Relaxed)
+    }
+
+    /// How much of the slow whole blob went out before the reader stopped reading it.
+    fn trickled(&self) -> u64 {
+        self.trickled.load(Ordering::Relaxed)
     }
 }
 
@@ -1265,6 +1281,21 @@ async fn relay(
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
     }
+    let mut slow = false;
+    if let (true, RelayFault::SlowWholeBlob(size)) = (pieces, relay.fault) {
+        let whole = format!("bytes=0-{}", size - 1);
+        let range = parts
+            .headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok());
+        if range == Some(&whole) {
+            relay.whole_asked.store(true, Ordering::Relaxed);
+            slow = true;
+        } else if !relay.whole_asked.load(Ordering::Relaxed) {
+            relay.tampered.fetch_add(1, Ordering::Relaxed);
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    }
     let mut out = relay
         .client
         .request(parts.method.clone(), format!("{}{path}", relay.target))
@@ -1280,6 +1311,25 @@ async fn relay(
     };
     let status = resp.status();
     let mut headers = resp.headers().clone();
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::CONNECTION);
+    if slow {
+        // 16 KiB every 100 ms, counted as each goes to the connection.
+        let trickled = relay.trickled.clone();
+        let body = futures::stream::unfold(
+            (resp, axum::body::Bytes::new(), trickled),
+            |(mut resp, mut rest, trickled)| async move {
+                if rest.is_empty() {
+                    rest = resp.chunk().await.ok()??;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let part = rest.split_to(rest.len().min(16 << 10));
+                trickled.fetch_add(part.len() as u64, Ordering::Relaxed);
+                Some((Ok::<_, std::io::Error>(part), (resp, rest, trickled)))
+            },
+        );
+        return (status, headers, axum::body::Body::from_stream(body)).into_response();
+    }
     let Ok(bytes) = resp.bytes().await else {
         return StatusCode::BAD_GATEWAY.into_response();
     };
@@ -1297,8 +1347,6 @@ async fn relay(
         bytes[(at - start) as usize] ^= 0xff;
         relay.tampered.fetch_add(1, Ordering::Relaxed);
     }
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::CONNECTION);
     (status, headers, bytes).into_response()
 }
 
@@ -1397,6 +1445,64 @@ async fn a_stalled_stream_continues_from_the_tracker_not_upstream() {
             .unwrap(),
         layer.size as f64
     );
+    assert_blob_dir_verified(p.data_dir());
+}
+
+/// 9. The swarm stalls, the client's stream continues from the tracker, and then the swarm gets
+/// going again (here a relay refuses the web seed's runs until the stream asks for the whole
+/// blob, lets them through after, and sends that whole blob at 160 KiB/s): the stream goes back
+/// to this node's own download, or the blob it cached, instead of reading the rest over the one
+/// tracker's link. In a warm pull whose only seed hung, streams that stayed on the tracker
+/// ended minutes after their download.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_on_the_tracker_goes_back_to_the_swarm_once_it_is_ahead() {
+    let _serial = serial().await;
+    let c = cluster(&[4 << 20], 90, &[]).await;
+    let layer = c.image.layers[0].clone();
+    let relay =
+        TamperingRelay::with_fault(&c.tracker.url(), RelayFault::SlowWholeBlob(layer.size)).await;
+    let p = Proxy::start(&[relay.url()], &c.registry.url(), &["--stall-timeout", "2"])
+        .await
+        .unwrap();
+    let got = pull(&blob_url(&p.url(), &layer.digest), None, PULL_TIMEOUT).await;
+    eprintln!(
+        "pull with the swarm back after a stall: {} ({} piece requests refused, {} of {} bytes \
+         sent slowly)",
+        got.summary(),
+        relay.tampered(),
+        relay.trickled(),
+        layer.size
+    );
+    assert!(got.verified(&layer.digest), "{}", got.summary());
+    assert!(relay.tampered() > 0, "the web seed was never refused");
+    let log = p.log_text();
+    assert!(
+        log.contains("continuing from the tracker"),
+        "the stream did not continue from the tracker"
+    );
+    assert!(
+        log.contains("back on this node's download")
+            || log.contains("back on this node's cached copy"),
+        "the stream did not go back to the swarm"
+    );
+    assert!(
+        relay.trickled() < layer.size / 2,
+        "the stream read {} of {} bytes from the tracker",
+        relay.trickled(),
+        layer.size
+    );
+    let m = Scrape::of(&p.url()).await.unwrap();
+    assert_eq!(m.get("bay_tracker_continuations_total").unwrap(), 1.0);
+    assert_eq!(m.get("bay_swarm_rejoins_total").unwrap(), 1.0);
+    let s = p.stats().await.unwrap();
+    assert_eq!(s["fallbacks"], 0, "{s}");
+    assert_eq!(s["bytes_from_upstream"], 0, "{s}");
+    assert_eq!(
+        c.registry.blob_gets(&layer.digest),
+        1,
+        "upstream sent it again"
+    );
+    p.wait_held(1, Duration::from_secs(30)).await.unwrap();
     assert_blob_dir_verified(p.data_dir());
 }
 

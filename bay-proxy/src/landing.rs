@@ -109,12 +109,27 @@ impl Landing {
 
     /// A reader of the verified blob from its first byte.
     pub fn reader(self: &Arc<Self>) -> Reader {
+        self.reader_from(0)
+    }
+
+    /// A reader of the verified blob from byte `at`: a client stream that came back from a
+    /// tracker to this node's download.
+    pub fn reader_from(self: &Arc<Self>, at: u64) -> Reader {
         self.readers.fetch_add(1, Ordering::Relaxed);
         Reader {
             landing: self.clone(),
-            next: 0,
+            next: at,
             events: self.events.subscribe(),
         }
+    }
+
+    /// Whether the piece holding byte `at` and the `ahead - 1` after it (fewer at the blob's
+    /// end) are verified: a stream reading from `at` would not wait for librqbit soon.
+    pub fn verified_ahead(&self, at: u64, ahead: u32) -> bool {
+        let p = (at / self.torrent.piece_length() as u64) as usize;
+        let st = self.lock();
+        let end = (p + ahead as usize).min(st.verified.len());
+        p < end && st.verified[p..end].iter().all(|v| *v)
     }
 
     /// Why writing the file failed, if it did.
@@ -564,6 +579,32 @@ mod tests {
             }
             out.extend_from_slice(&c);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_back_from_a_tracker_reads_on_from_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = blob();
+        let (l, s) = landing(dir.path().join("blob"), &data);
+        for p in 1..4 {
+            land(&s, &data, p);
+        }
+        assert!(!l.verified_ahead(0, 1), "piece 0 is missing");
+        assert!(!l.verified_ahead(5, 4), "piece 0 is missing");
+        assert!(l.verified_ahead(PIECE as u64, 2));
+        assert!(l.verified_ahead(PIECE as u64 + 5, 4), "fewer at the end");
+        assert!(!l.verified_ahead(4 * PIECE as u64, 1), "past the last piece");
+        let at = PIECE + 5;
+        let mut r = l.reader_from(at as u64);
+        let mut got = Vec::new();
+        loop {
+            let chunk = r.next_chunk().await.unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            got.extend_from_slice(&chunk);
+        }
+        assert!(got == data[at..], "{} bytes from {at}", got.len());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

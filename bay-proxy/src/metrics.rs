@@ -52,6 +52,7 @@ pub struct Metrics {
     pub fallbacks: Family<Reason, Counter>,
     pub upstream_fetches: Counter,
     pub tracker_continuations: Counter,
+    pub swarm_rejoins: Counter,
     pub swarm_downloads: Family<Outcome, Counter>,
     pub prefetches: Counter,
     pub commit_failures: Counter,
@@ -72,6 +73,7 @@ impl Default for Metrics {
         let fallbacks = Family::<Reason, Counter>::default();
         let upstream_fetches = Counter::default();
         let tracker_continuations = Counter::default();
+        let swarm_rejoins = Counter::default();
         let swarm_downloads = Family::<Outcome, Counter>::default();
         let prefetches = Counter::default();
         let commit_failures = Counter::default();
@@ -111,6 +113,12 @@ impl Default for Metrics {
             "Client streams whose rest a tracker holding the blob sent after the swarm stalled \
              (instead of upstream)",
             tracker_continuations.clone(),
+        );
+        r.register(
+            "bay_swarm_rejoins",
+            "Client streams that continued from a tracker and went back to this node's own copy \
+             (its download or the cached blob) once that was ahead of them",
+            swarm_rejoins.clone(),
         );
         r.register(
             "bay_swarm_downloads",
@@ -166,6 +174,7 @@ impl Default for Metrics {
             fallbacks,
             upstream_fetches,
             tracker_continuations,
+            swarm_rejoins,
             swarm_downloads,
             prefetches,
             commit_failures,

@@ -24,8 +24,10 @@ impl Drop for Reading {
 pub(super) enum Source {
     Swarm {
         reader: Reader,
-        /// Counts the stream among the download's readers while it lives.
-        _reading: Reading,
+        /// Counts the stream among the download's readers while it lives; None for a stream
+        /// that came back from a tracker, which cannot vouch for the whole file, so the
+        /// download does not wait for it before caching.
+        _reading: Option<Reading>,
         download: Arc<Download>,
         last_progress: u64,
         /// When the stream last saw the download progress, while it waits for pieces.
@@ -124,6 +126,10 @@ pub(super) struct VerifyingBody {
     done: bool,
     started: Instant,
     from_upstream: u64,
+    /// The stream changed its source: its digest covers bytes from more than one place, so a
+    /// match vouches for neither the download's file nor the cached one, and a mismatch
+    /// condemns neither.
+    switched: bool,
     /// False when the body only fills the cache (a Range request's fallback).
     pub(super) to_client: bool,
     /// The ledger's key, `<registry>/<repository>`.
@@ -150,6 +156,7 @@ impl VerifyingBody {
             done: false,
             started: Instant::now(),
             from_upstream: 0,
+            switched: false,
             to_client: true,
             image: req.as_ref().map(BlobRequest::image).unwrap_or_default(),
             req,
@@ -217,13 +224,14 @@ impl VerifyingBody {
         let got = self.verifier.take().expect("finished once").finish();
         if let Source::Swarm { download, .. } = &self.source
             && got == self.digest
+            && !self.switched
         {
             download.stream_verified.store(true, Ordering::Relaxed);
             download.stream_ended.notify_waiters();
         }
         if got != self.digest {
             tracing::error!(got = %got, "blob failed verification; cutting the response short");
-            if matches!(self.source, Source::File { .. }) {
+            if matches!(self.source, Source::File { .. }) && !self.switched {
                 // The cached copy went bad on disk: stop serving and seeding it, so the next
                 // request fetches the blob again.
                 self.blobs.discard(&self.digest).await;
@@ -236,7 +244,7 @@ impl VerifyingBody {
         if let Some(tee) = self.tee.take() {
             self.commit(tee).await;
         }
-        if matches!(self.source, Source::File { .. }) {
+        if matches!(self.source, Source::File { .. }) && !self.switched {
             // Changed on disk but still right (touched, copied back): trusted again.
             self.blobs.store.restamp(&self.digest);
         }
@@ -339,7 +347,13 @@ impl VerifyingBody {
                     *skip = 0;
                     return Ok(chunk);
                 }
-                Source::Tracker { pieces, skip } => {
+                Source::Tracker { .. } => {
+                    if self.back_from_tracker().await {
+                        continue;
+                    }
+                    let Source::Tracker { pieces, skip } = &mut self.source else {
+                        unreachable!("still reading from the tracker")
+                    };
                     match pieces.next_piece().await {
                         Ok(Some((_, piece))) => {
                             self.blobs
@@ -455,6 +469,7 @@ impl VerifyingBody {
                 Ok(resp) => {
                     tracing::info!(tracker = %base, at = self.sent, "continuing from the tracker");
                     self.blobs.metrics.tracker_continuations.inc();
+                    self.switched = true;
                     self.source = Source::Tracker {
                         pieces: PieceStream::new(resp, torrent, run, true),
                         skip: (self.sent - start) as usize,
@@ -467,11 +482,63 @@ impl VerifyingBody {
         false
     }
 
+    /// A stream that continued from a tracker goes back to this node's own copy once that is
+    /// ahead of it: the download that went on in the background, or the blob it cached. In a
+    /// warm pull whose only seed hung, the swarm got going again a minute later, and streams
+    /// that went on reading a whole layer from the one tracker over its shared uplink ended
+    /// minutes after the download (bench/RESULTS.md, "Every fault at once").
+    async fn back_from_tracker(&mut self) -> bool {
+        if let Some(d) = self.blobs.running(&self.digest)
+            && d.unusable().is_none()
+            && d.landing.verified_ahead(self.sent, REJOIN_AHEAD)
+        {
+            tracing::info!(at = self.sent, "back on this node's download");
+            self.blobs.metrics.swarm_rejoins.inc();
+            self.source = Source::Swarm {
+                reader: d.landing.reader_from(self.sent),
+                _reading: None,
+                last_progress: d.arrived(),
+                waiting_since: None,
+                download: d,
+            };
+            return true;
+        }
+        if self.blobs.store.get(&self.digest).is_none() {
+            return false;
+        }
+        let path = self.blobs.store.blob_path(&self.digest);
+        let Ok(mut file) = tokio::fs::File::open(&path).await else {
+            return false;
+        };
+        // Only a copy verified when cached and not changed since: the stream's own digest
+        // check no longer covers the file as a whole.
+        match file.metadata().await {
+            Ok(meta)
+                if self
+                    .blobs
+                    .store
+                    .unchanged_since_verified(&self.digest, &meta) => {}
+            _ => return false,
+        }
+        if file
+            .seek(std::io::SeekFrom::Start(self.sent))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        tracing::info!(at = self.sent, "back on this node's cached copy");
+        self.blobs.metrics.swarm_rejoins.inc();
+        self.source = Source::File { file };
+        true
+    }
+
     async fn switch_to_upstream(&mut self) -> std::io::Result<()> {
         let Some(r) = &self.req else {
             return Err(std::io::Error::other("no upstream to continue from"));
         };
         self.blobs.metrics.upstream_fetches.inc();
+        self.switched = true;
         let resp = self
             .blobs
             .upstream
