@@ -62,6 +62,22 @@ async fn pull_all(proxies: &[Proxy], image: &Image, reference: &str) -> Vec<Dura
     times
 }
 
+/// Kills `tracker` once its counter `metric` reaches `at_least` (within 60 s).
+async fn kill_at(tracker: &mut Tracker, metric: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = Scrape::of(&tracker.url())
+            .await
+            .map_or(0.0, |s| s.value(metric));
+        if got >= at_least {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metric} reached only {got}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracker.kill();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pulls_survive_losing_the_owning_tracker() {
     let registry = Registry::start(RegistryOptions::default()).await.unwrap();
@@ -183,25 +199,13 @@ async fn a_tracker_killed_mid_fetch_leaves_what_it_fetched_to_the_next_one() {
         proxies.push(Proxy::start(&urls, &registry.url(), &[]).await.unwrap());
     }
     let pulls = pull_all(&proxies, &image, "ha/midfetch:1");
-    let killer = async {
-        // The registry logs a GET only once it is answered: the owner's own count says how
-        // far its fetch got. Killed at 40 %, with the pieces sent on early.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let fetched = Scrape::of(&trackers[victim].url())
-                .await
-                .map_or(0.0, |s| s.value("bay_upstream_bytes_total"));
-            if fetched >= 0.4 * layer.size as f64 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the owner fetched only {fetched} bytes"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        trackers[victim].kill();
-    };
+    // The registry logs a GET only once it is answered: the owner's own count says how far
+    // its fetch got. Killed at 40 %, with the pieces sent on early.
+    let killer = kill_at(
+        &mut trackers[victim],
+        "bay_upstream_bytes_total",
+        0.4 * layer.size as f64,
+    );
     tokio::join!(pulls, killer);
 
     let scrape = Scrape::of(&trackers[survivor].url()).await.unwrap();
@@ -272,23 +276,11 @@ async fn a_tracker_killed_mid_pull_leaves_what_the_nodes_got_to_the_next_one() {
         );
     }
     let pulls = pull_all(&proxies, &image, "ha/midpull:1");
-    let killer = async {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let sent = Scrape::of(&trackers[victim].url())
-                .await
-                .map_or(0.0, |s| s.value("bay_piece_bytes_served_total"));
-            if sent >= 0.4 * layer.size as f64 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the holder sent only {sent} bytes"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        trackers[victim].kill();
-    };
+    let killer = kill_at(
+        &mut trackers[victim],
+        "bay_piece_bytes_served_total",
+        0.4 * layer.size as f64,
+    );
     tokio::join!(pulls, killer);
 
     let scrape = Scrape::of(&trackers[survivor].url()).await.unwrap();

@@ -593,7 +593,10 @@ mod tests {
         assert!(!l.verified_ahead(5, 4), "piece 0 is missing");
         assert!(l.verified_ahead(PIECE as u64, 2));
         assert!(l.verified_ahead(PIECE as u64 + 5, 4), "fewer at the end");
-        assert!(!l.verified_ahead(4 * PIECE as u64, 1), "past the last piece");
+        assert!(
+            !l.verified_ahead(4 * PIECE as u64, 1),
+            "past the last piece"
+        );
         let at = PIECE + 5;
         let mut r = l.reader_from(at as u64);
         let mut got = Vec::new();
