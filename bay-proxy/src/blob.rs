@@ -68,10 +68,6 @@ fn storm_stalled(quiet: Duration, stall_timeout: Duration, steals: u64) -> bool 
 /// How long a finished download waits for a client stream to finish hashing the blob before
 /// hashing the file itself.
 const STREAM_VERIFY_WAIT: Duration = Duration::from_secs(10);
-/// How many pieces from a stream's position on this node's download must hold before a stream
-/// that continued from a tracker reads from it again: enough that it does not stall again at
-/// once and go back to a tracker.
-const REJOIN_AHEAD: u32 = 4;
 /// How far a prefetched download gets before the next one starts (see [`Blobs::prefetch`]).
 /// A quarter: N=16, 64 MiB in 4 layers, 100 Mbit/s, warm 1.77 → 1.71 T* (medians of 3); at
 /// 10 Mbit/s and 256 MiB 1.164 → 1.166 (`bench/RESULTS.md`, "Prefetch a quarter ahead").

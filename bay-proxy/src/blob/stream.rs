@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// How many pieces from a stream's position on this node's download must hold before a stream
+/// that continued from a tracker reads from it again: enough that it does not stall again at
+/// once and go back to a tracker.
+const REJOIN_AHEAD: u32 = 4;
+
 /// Counts a client stream among a download's readers while it reads from the swarm.
 pub(super) struct Reading(Arc<Download>);
 
