@@ -62,19 +62,24 @@ async fn pull_all(proxies: &[Proxy], image: &Image, reference: &str) -> Vec<Dura
     times
 }
 
-/// Kills `tracker` once its counter `metric` reaches `at_least` (within 60 s).
-async fn kill_at(tracker: &mut Tracker, metric: &str, at_least: f64) {
+/// Waits (at most 60 s) until `tracker`'s counter `metric` reaches `at_least`.
+async fn reached(tracker: &Tracker, metric: &str, at_least: f64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let got = Scrape::of(&tracker.url())
             .await
             .map_or(0.0, |s| s.value(metric));
         if got >= at_least {
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "{metric} reached only {got}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Kills `tracker` once its counter `metric` reaches `at_least` (within 60 s).
+async fn kill_at(tracker: &mut Tracker, metric: &str, at_least: f64) {
+    reached(tracker, metric, at_least).await;
     tracker.kill();
 }
 
@@ -523,6 +528,100 @@ async fn a_frozen_tracker_is_passed_over_not_waited_on() {
     assert!(
         proxy.log_text().contains("stopped answering"),
         "the proxy did not say why it passed the tracker over"
+    );
+}
+
+/// A download that gives up (its only tracker hangs) keeps serving the pieces it verified on
+/// its exchange port, as long as a tracker's fetch reads what nodes offered
+/// (`Held::read_within`): every node stalled on a hung tracker gives up at about the same
+/// time, and before this the fetch that took their offers found nothing left to read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_that_gave_up_still_serves_the_pieces_it_offered() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let image = Image::generate(&[16 << 20], 751).unwrap();
+    image.push(&registry, "ha/gaveup:1", None).await.unwrap();
+    let layer = image.layers[0].clone();
+    let bytes = image.blob_bytes(&layer.digest).unwrap();
+    // The tracker sends slowly, so the download is still going when it hangs.
+    let tracker = Tracker::start(&[registry.url()], &["--upload-limit", "2M"])
+        .await
+        .unwrap();
+    let r = bay_tests::http_client()
+        .get(format!(
+            "{}/v1/torrents/{}/ha/gaveup/blobs/{}",
+            tracker.url(),
+            registry.authority(),
+            layer.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    let proxy = Proxy::start(&[tracker.url()], &registry.url(), &["--stall-timeout", "2"])
+        .await
+        .unwrap();
+    let url = format!("{}/v2/ha/gaveup/blobs/{}", proxy.url(), layer.digest);
+    let pull = tokio::spawn(async move {
+        let r = bay_tests::http_client()
+            .get(url)
+            .timeout(Duration::from_secs(240))
+            .send()
+            .await?;
+        r.error_for_status()?.bytes().await
+    });
+    reached(
+        &tracker,
+        "bay_piece_bytes_served_total",
+        4.0 * (1 << 20) as f64,
+    )
+    .await;
+    let frozen = Frozen::new(tracker.pid().unwrap());
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !proxy.log_text().contains("giving up") {
+        assert!(
+            Instant::now() < deadline,
+            "the download did not give up: {}",
+            proxy.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let exchange = proxy.exchange_port().expect("the proxy's exchange port");
+    let pl = bay_common::torrent::piece_length_for(layer.size) as usize;
+    let count = bytes.len().div_ceil(pl);
+    let mut served = 0;
+    for p in 0..count {
+        let r = bay_tests::http_client()
+            .get(format!(
+                "http://{}:{exchange}/v1/exchange/{}/{p}",
+                proxy.ip(),
+                layer.digest
+            ))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == reqwest::StatusCode::OK {
+            let got = r.bytes().await.unwrap();
+            let want = &bytes[p * pl..((p + 1) * pl).min(bytes.len())];
+            assert!(got == want, "piece {p} served wrong after the give-up");
+            served += 1;
+        } else {
+            assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND, "piece {p}");
+        }
+    }
+    eprintln!("after the download gave up, its exchange port served {served} of {count} pieces");
+    assert!(
+        served > 0 && served < count,
+        "served {served} of {count} pieces after giving up\n{}",
+        proxy.log_text()
+    );
+
+    // The client's pull still ends with the blob once the tracker answers again.
+    drop(frozen);
+    let body = pull.await.unwrap().unwrap();
+    assert_eq!(
+        bay_common::Digest::sha256_of(&body).to_string(),
+        layer.digest
     );
 }
 

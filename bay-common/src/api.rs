@@ -2,6 +2,7 @@
 //! bay HTTP surface answers with.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -117,6 +118,14 @@ pub struct Held {
 pub const MAX_HELD_RUNS: usize = 64;
 
 impl Held {
+    /// How long a tracker's fetch reads the pieces nodes offered of a blob of `size` bytes
+    /// before it asks upstream for the rest, and so how long a node keeps serving what it
+    /// offered, even from a download that gave up: 30 s plus a second per MiB (a node's
+    /// 10 Mbit/s link moves about that).
+    pub fn read_within(size: u64) -> Duration {
+        Duration::from_secs(30 + size / (1 << 20))
+    }
+
     /// From the pieces a node holds (in any order); None if it holds none.
     pub fn from_pieces(
         exchange: u16,

@@ -17,7 +17,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bay_common::access::AccessCache;
-use bay_common::api::ProxyStats;
+use bay_common::api::{Held, ProxyStats};
 use bay_common::metrics::Outcome;
 use bay_common::store::{Store, verify_digest, verify_file};
 use bay_common::torrent::{BlobTorrent, TorrentBuilder};
@@ -177,6 +177,9 @@ pub struct Blobs {
     exchange: Option<Arc<Exchange>>,
     /// Early reads whose torrent came, still passing pieces on for a moment.
     lingering: Arc<Mutex<HashMap<Digest, early::Holding>>>,
+    /// Downloads that gave up, still serving their verified pieces to a tracker that fetches
+    /// the blob again (see [`Blobs::keep_offering`]).
+    given_up: Arc<Mutex<HashMap<Digest, Arc<Landing>>>>,
 }
 
 impl Blobs {
@@ -209,6 +212,7 @@ impl Blobs {
             early_reads: true,
             exchange: None,
             lingering: Arc::default(),
+            given_up: Arc::default(),
         }
     }
 
@@ -238,7 +242,7 @@ impl Blobs {
     /// Piece `p` of a blob this node is downloading, if librqbit verified it here: what the
     /// exchange port serves beside early reads (a tracker taking over a fetch reads it).
     pub async fn landed_piece(&self, digest: &Digest, p: u32) -> Option<Bytes> {
-        let landing = self.running(digest)?.landing.clone();
+        let landing = self.landing(digest)?;
         match tokio::task::spawn_blocking(move || landing.verified_piece(p)).await {
             Ok(Ok(piece)) => piece,
             Ok(Err(e)) => {
@@ -247,6 +251,51 @@ impl Blobs {
             }
             Err(_) => None,
         }
+    }
+
+    /// The landing of the blob's running download, or else of one that gave up lately.
+    fn landing(&self, digest: &Digest) -> Option<Arc<Landing>> {
+        match self.running(digest) {
+            Some(d) => Some(d.landing.clone()),
+            None => self.given_up.lock().expect("poisoned").get(digest).cloned(),
+        }
+    }
+
+    /// Keeps serving the verified pieces of a download that gave up, for as long as a tracker's
+    /// fetch reads what nodes offered ([`Held::read_within`]). Its download offered them when
+    /// its swarm stalled; the fetch that took the offer reads them in order, and often after
+    /// the download gave up: every node stalled on a hung tracker gives up at about the same
+    /// time, and their offers went with them (`bench/RESULTS.md`, "Every fault at once"). The
+    /// landing's file is already unlinked; its open descriptor keeps the bytes readable.
+    fn keep_offering(&self, torrent: &BlobTorrent, landing: Arc<Landing>) {
+        let port = self.exchange.as_ref().map(|e| e.port());
+        if port.and_then(|port| landing.held(port)).is_none() || landing.failure().is_some() {
+            return;
+        }
+        let (digest, size) = (torrent.digest().clone(), torrent.size());
+        tracing::info!(
+            serving_for_s = Held::read_within(size).as_secs(),
+            "still serving the pieces this download verified, for a tracker that fetches the \
+             blob again"
+        );
+        self.given_up
+            .lock()
+            .expect("poisoned")
+            .insert(digest.clone(), landing.clone());
+        let map = Arc::downgrade(&self.given_up);
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Held::read_within(size)) => {}
+                _ = stop.cancelled() => {}
+            }
+            if let Some(map) = map.upgrade() {
+                let mut map = map.lock().expect("poisoned");
+                if map.get(&digest).is_some_and(|l| Arc::ptr_eq(l, &landing)) {
+                    map.remove(&digest);
+                }
+            }
+        });
     }
 
     /// Keeps a read whose torrent came going for [`early::LINGER`].
@@ -555,8 +604,9 @@ impl Blobs {
             self.early_holding(&req.digest)
                 .and_then(|h| h.held(port))
                 // A download asking again because its swarm stalled (its tracker died or
-                // hangs) offers what it got through the swarm.
-                .or_else(|| self.running(&req.digest)?.landing.held(port))
+                // hangs) offers what it got through the swarm, and so does one starting
+                // after such a download gave up.
+                .or_else(|| self.landing(&req.digest)?.held(port))
         };
         self.trackers
             .torrent(
@@ -886,6 +936,7 @@ impl Blobs {
         if !ok {
             self.swarm.remove(ih, false).await;
             let _ = tokio::fs::remove_file(self.store.tmp_dir().join(d.torrent.file_name())).await;
+            self.keep_offering(&d.torrent, d.landing.clone());
         }
         self.downloads
             .lock()

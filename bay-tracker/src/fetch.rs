@@ -726,7 +726,7 @@ impl Blobs {
     ) -> Result<(), TrackerError> {
         let pl = bay_common::torrent::piece_length_for(size) as u64;
         let count = size.div_ceil(pl) as u32;
-        let deadline = tokio::time::Instant::now() + crate::offers::time_for(size);
+        let deadline = tokio::time::Instant::now() + Held::read_within(size);
         let mut next = 0u32;
         let mut waited = false;
         let mut gaps = 0;

@@ -55,12 +55,6 @@ enum ReadFailed {
     Node(String),
 }
 
-/// How long a fetch reads the pieces nodes offered before it asks upstream for the rest: 30 s
-/// plus a second per MiB of the blob (a node's 10 Mbit/s link moves about that).
-pub fn time_for(size: u64) -> Duration {
-    Duration::from_secs(30 + size / (1 << 20))
-}
-
 /// One node's offer.
 struct Offer {
     node: SocketAddr,
