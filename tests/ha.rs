@@ -557,7 +557,7 @@ async fn a_download_that_gave_up_still_serves_the_pieces_it_offered() {
         .await
         .unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::OK);
-    let proxy = Proxy::start(&[tracker.url()], &registry.url(), &["--stall-timeout", "2"])
+    let mut proxy = Proxy::start(&[tracker.url()], &registry.url(), &["--stall-timeout", "2"])
         .await
         .unwrap();
     let url = format!("{}/v2/ha/gaveup/blobs/{}", proxy.url(), layer.digest);
@@ -622,6 +622,13 @@ async fn a_download_that_gave_up_still_serves_the_pieces_it_offered() {
     assert_eq!(
         bay_common::Digest::sha256_of(&body).to_string(),
         layer.digest
+    );
+    // What was read after the give-up is logged as the proxy stops serving it.
+    proxy.terminate(Duration::from_secs(10)).await.unwrap();
+    assert!(
+        proxy.log_text().contains(&format!("pieces_read={served}")),
+        "{}",
+        proxy.log_text()
     );
 }
 

@@ -179,7 +179,13 @@ pub struct Blobs {
     lingering: Arc<Mutex<HashMap<Digest, early::Holding>>>,
     /// Downloads that gave up, still serving their verified pieces to a tracker that fetches
     /// the blob again (see [`Blobs::keep_offering`]).
-    given_up: Arc<Mutex<HashMap<Digest, Arc<Landing>>>>,
+    given_up: Arc<Mutex<HashMap<Digest, Arc<GivenUp>>>>,
+}
+
+/// A download that gave up, and how many of its pieces were read since.
+struct GivenUp {
+    landing: Arc<Landing>,
+    served: std::sync::atomic::AtomicU64,
 }
 
 impl Blobs {
@@ -242,22 +248,36 @@ impl Blobs {
     /// Piece `p` of a blob this node is downloading, if librqbit verified it here: what the
     /// exchange port serves beside early reads (a tracker taking over a fetch reads it).
     pub async fn landed_piece(&self, digest: &Digest, p: u32) -> Option<Bytes> {
-        let landing = self.landing(digest)?;
-        match tokio::task::spawn_blocking(move || landing.verified_piece(p)).await {
+        let (landing, given_up) = match self.running(digest) {
+            Some(d) => (d.landing.clone(), None),
+            None => {
+                let g = self.given_up(digest)?;
+                (g.landing.clone(), Some(g))
+            }
+        };
+        let piece = match tokio::task::spawn_blocking(move || landing.verified_piece(p)).await {
             Ok(Ok(piece)) => piece,
             Ok(Err(e)) => {
                 tracing::debug!(digest = %digest, "reading piece {p} back: {e:#}");
                 None
             }
             Err(_) => None,
+        };
+        if let (Some(g), Some(_)) = (given_up, &piece) {
+            g.served.fetch_add(1, Ordering::Relaxed);
         }
+        piece
+    }
+
+    fn given_up(&self, digest: &Digest) -> Option<Arc<GivenUp>> {
+        self.given_up.lock().expect("poisoned").get(digest).cloned()
     }
 
     /// The landing of the blob's running download, or else of one that gave up lately.
     fn landing(&self, digest: &Digest) -> Option<Arc<Landing>> {
         match self.running(digest) {
             Some(d) => Some(d.landing.clone()),
-            None => self.given_up.lock().expect("poisoned").get(digest).cloned(),
+            None => self.given_up(digest).map(|g| g.landing.clone()),
         }
     }
 
@@ -278,10 +298,14 @@ impl Blobs {
             "still serving the pieces this download verified, for a tracker that fetches the \
              blob again"
         );
+        let given_up = Arc::new(GivenUp {
+            landing,
+            served: Default::default(),
+        });
         self.given_up
             .lock()
             .expect("poisoned")
-            .insert(digest.clone(), landing.clone());
+            .insert(digest.clone(), given_up.clone());
         let map = Arc::downgrade(&self.given_up);
         let stop = self.stop.clone();
         tokio::spawn(async move {
@@ -291,10 +315,15 @@ impl Blobs {
             }
             if let Some(map) = map.upgrade() {
                 let mut map = map.lock().expect("poisoned");
-                if map.get(&digest).is_some_and(|l| Arc::ptr_eq(l, &landing)) {
+                if map.get(&digest).is_some_and(|g| Arc::ptr_eq(g, &given_up)) {
                     map.remove(&digest);
                 }
             }
+            tracing::info!(
+                digest = %digest,
+                pieces_read = given_up.served.load(Ordering::Relaxed),
+                "no longer serving the pieces of the download that gave up"
+            );
         });
     }
 
