@@ -412,6 +412,9 @@ enum Fault {
     Cut,
     /// 200 with the full `Content-Length` and every byte, one of them wrong.
     Corrupt,
+    /// No fault: 200 with the whole blob, whatever `Range` was asked for (as a registry that
+    /// ignores ranges).
+    Whole,
 }
 
 /// An upstream registry in this process that knows one blob: `GET /v2/` is 200, a HEAD of the
@@ -533,6 +536,11 @@ async fn fake_serve(
                 "500 Internal Server Error",
                 r#"{"errors":[{"code":"UNKNOWN","message":"injected failure"}]}"#,
             ),
+            Fault::Whole => {
+                let mut out = reply("200 OK", &blob_headers);
+                out.extend_from_slice(&blob);
+                out
+            }
             Fault::Corrupt => {
                 let mut out = reply("200 OK", &blob_headers);
                 let mut wrong = blob.to_vec();
@@ -1639,4 +1647,60 @@ async fn a_peer_that_takes_requests_and_never_answers() {
             "the swarm did not get around the black hole by itself"
         );
     }
+}
+
+/// Offers that come after a fetch began make it leave upstream's stream at an offered piece
+/// and ask for the rest with a `Range`. An upstream that ignores the range sends the whole
+/// blob again: the fetch reads past what its file already holds and keeps the right blob.
+#[tokio::test(flavor = "multi_thread")]
+async fn late_offers_with_an_upstream_that_ignores_ranges() {
+    let _serial = serial().await;
+    let blob: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8 ^ 0x5a)
+        .collect();
+    let digest = sha256_hex(&blob);
+    let fake = FakeUpstream::start(Arc::new(blob.clone()), digest.clone(), Fault::Whole).await;
+    let tracker = Tracker::start(&[fake.url()], &["--upstream-rate", "1M"])
+        .await
+        .unwrap();
+    let pl = bay_common::torrent::piece_length_for(blob.len() as u64) as usize;
+    let node = bay_tests::ExchangeNode::start(blob.clone(), &[8..=11], false).await;
+    let url = format!(
+        "{}/v1/torrents/{}/{REPO}/blobs/{digest}",
+        tracker.url(),
+        fake.addr
+    );
+    // The first request starts the fetch; the offer comes while upstream sends piece 0 or 1.
+    let (first, late) = tokio::join!(http_client().get(&url).send(), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        node.client()
+            .get(format!(
+                "{url}?exchange={}&size={}&held=8-11",
+                node.port,
+                blob.len()
+            ))
+            .send()
+            .await
+            .unwrap()
+    });
+    let right =
+        bay_common::torrent::BlobTorrent::from_bytes(digest.parse().unwrap(), &blob).unwrap();
+    for r in [first.unwrap(), late] {
+        assert_eq!(r.status(), StatusCode::OK, "{}", tracker.log_text());
+        let t = bay_common::torrent::BlobTorrent::from_metainfo(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(t.info_hash(), right.info_hash());
+    }
+    let kept = tracker.data_dir().join("blobs").join(right.file_name());
+    assert_eq!(sha256_file(&kept).unwrap(), digest);
+    assert_eq!(node.served(), 4 * pl as u64, "{}", tracker.log_text());
+    assert_eq!(
+        fake.blob_gets(),
+        2,
+        "the whole blob, then the ignored range"
+    );
+    assert!(
+        tracker.log_text().contains("upstream did not resume"),
+        "{}",
+        tracker.log_text()
+    );
 }

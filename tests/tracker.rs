@@ -780,6 +780,42 @@ async fn a_gap_between_offered_pieces_comes_from_upstream_alone() {
     );
 }
 
+/// Offers that come after upstream began to send are taken too: in a warm pull whose tracker
+/// hung, the node whose request started the other tracker's fetch may hold nothing while the
+/// next ones hold pieces. Upstream's stream is left at the first boundary whose piece a node
+/// offers and taken up again after the nodes' pieces, in a 206.
+#[tokio::test(flavor = "multi_thread")]
+async fn offers_that_come_after_the_fetch_began_are_taken_too() {
+    let (registry, image, tracker) = setup(&[16 << 20], &["--upstream-rate", "2M"]).await;
+    let layer = &image.layers[0];
+    let blob = image.blob_bytes(&layer.digest).unwrap();
+    let pl = bay_common::torrent::piece_length_for(layer.size) as u64;
+    let node = ExchangeNode::start(blob.clone(), &[16..=47], false).await;
+    let url = torrent_url(&tracker, &registry, "test/img", &layer.digest);
+    // The first request offers nothing and starts the fetch; the node's offer comes while
+    // upstream still sends the first of the 16 pieces before the offered ones (2 s of them).
+    let (first, late) = tokio::join!(http_client().get(&url).send(), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        offer(&node, &url, layer.size, "16-47").await
+    });
+    assert_right_blob(&tracker, &layer.digest, &blob, first.unwrap()).await;
+    assert_right_blob(&tracker, &layer.digest, &blob, late).await;
+
+    let scrape = bay_tests::Scrape::of(&tracker.url()).await.unwrap();
+    let from_nodes = scrape.value("bay_node_bytes_total") as u64;
+    let gets = registry.blob_get_answers(&layer.digest);
+    eprintln!(
+        "from nodes {from_nodes}, from upstream {}, registry's answers {gets:?}",
+        scrape.value("bay_upstream_bytes_total")
+    );
+    assert_eq!(from_nodes, 32 * pl, "{}", tracker.log_text());
+    assert_eq!(node.served(), 32 * pl);
+    // The whole blob asked for first and left at piece 16; after the nodes' pieces, the rest.
+    assert_eq!(gets.first().map(|g| g.0), Some(200), "{gets:?}");
+    assert_eq!(gets.last(), Some(&(206, layer.size - 48 * pl)), "{gets:?}");
+    assert_eq!(gets.len(), 2, "{gets:?}");
+}
+
 /// An offer of a size upstream's HEAD does not confirm is ignored: the size would set what the
 /// fetch reserves for piece hashes (a caller's `size=18446744073709551615` aborted an earlier
 /// build), and its pieces cannot be the blob's.

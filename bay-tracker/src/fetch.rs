@@ -630,6 +630,15 @@ impl Blobs {
                     None => None,
                 };
             }
+            // Offers that come after upstream began to send (the request that started this
+            // fetch offered nothing, the next ones did): at the first piece boundary where a
+            // node offers the next piece, upstream's stream is left for the nodes' pieces and
+            // taken up again after them with a `Range`.
+            let late_size = announced.filter(|_| from_nodes);
+            let mut late_takes = 0;
+            // Bytes of a whole-blob answer that are already in the file (upstream ignored a
+            // `Range` after late offers).
+            let mut skip = 0u64;
             while let Some(chunk) = match resp.as_mut() {
                 Some(r) => r
                     .chunk()
@@ -638,7 +647,29 @@ impl Blobs {
                 None => None,
             } {
                 self.count_upstream(chunk.len(), &mut received).await;
-                out.append(&chunk).await?;
+                let mut chunk = &chunk[..];
+                if skip > 0 {
+                    let n = skip.min(chunk.len() as u64);
+                    skip -= n;
+                    chunk = &chunk[n as usize..];
+                }
+                let cut = match late_size {
+                    Some(size) if late_takes < crate::offers::MAX_GAPS && !chunk.is_empty() => self
+                        .offers
+                        .offered_boundary(digest, size, out.len, chunk.len())
+                        .map(|at| (at, size)),
+                    _ => None,
+                };
+                let keep = cut.map_or(chunk.len(), |(at, _)| (at - out.len) as usize);
+                out.append(&chunk[..keep]).await?;
+                if let Some((_, size)) = cut {
+                    late_takes += 1;
+                    // Upstream's connection closes now, not after the nodes' pieces.
+                    drop(resp.take());
+                    (resp, skip) = self
+                        .take_late_offers(digest, source, size, &mut out, &mut taken, &mut received)
+                        .await?;
+                }
                 if let Some(e) = early.as_mut()
                     && out.len - e.published >= PUBLISH_EVERY
                 {
@@ -712,9 +743,66 @@ impl Blobs {
         self.limits.take(n).await;
     }
 
-    /// Writes the pieces nodes offered into `out` in order (`crate::offers`), each gap between
-    /// them fetched from upstream alone, until no node offers more; `out.len` then says how far
-    /// the file reaches. `taken` counts the nodes' bytes, `received` upstream's.
+    /// Takes the pieces nodes offered from where `out` reaches (a piece boundary) after
+    /// upstream's stream was left there, then asks upstream for the rest. Returns upstream's
+    /// answer (None if the nodes had it all) and how many of its first bytes the file already
+    /// holds: an upstream that ignores the `Range` sends the whole blob again.
+    async fn take_late_offers(
+        &self,
+        digest: &Digest,
+        source: &Source,
+        size: u64,
+        out: &mut Partial,
+        taken: &mut u64,
+        received: &mut u64,
+    ) -> Result<(Option<reqwest::Response>, u64), TrackerError> {
+        let (at, before) = (out.len, *taken);
+        self.take_offered(digest, source, size, out, taken, received)
+            .await?;
+        tracing::info!(
+            at,
+            taken = *taken - before,
+            prefix = out.len,
+            "took pieces nodes offered after upstream began; asking upstream for the rest"
+        );
+        if out.len == size {
+            return Ok((None, 0));
+        }
+        let want = format!("bytes {}-{}/{size}", out.len, size - 1);
+        let r = self
+            .upstream
+            .get_blob_from(
+                &source.registry,
+                &source.name,
+                digest,
+                &source.creds,
+                out.len,
+            )
+            .await;
+        let why = match r {
+            Ok(r) if partial(&r, &want) => return Ok((Some(r), 0)),
+            Ok(r) if r.status() == reqwest::StatusCode::OK => {
+                tracing::info!(
+                    "upstream did not resume at {want} (answered 200): reading past what the \
+                     file holds"
+                );
+                return Ok((Some(r), out.len));
+            }
+            Ok(r) => format!("answered {}", r.status()),
+            Err(e) => e.to_string(),
+        };
+        tracing::info!("upstream did not resume at {want} ({why}): asking for the whole blob");
+        let r = self
+            .upstream
+            .get_blob(&source.registry, &source.name, digest, &source.creds)
+            .await?;
+        Ok((Some(r), out.len))
+    }
+
+    /// Writes the pieces nodes offered into `out` in order (`crate::offers`), from where it
+    /// reaches (a piece boundary) on, each gap between them fetched from upstream alone, until
+    /// no node offers more; `out.len` then says how far the file reaches. `taken` counts the
+    /// nodes' bytes, `received` upstream's.
     async fn take_offered(
         &self,
         digest: &Digest,
@@ -727,7 +815,8 @@ impl Blobs {
         let pl = bay_common::torrent::piece_length_for(size) as u64;
         let count = size.div_ceil(pl) as u32;
         let deadline = tokio::time::Instant::now() + Held::read_within(size);
-        let mut next = 0u32;
+        debug_assert_eq!(out.len % pl, 0, "offered pieces start at a piece boundary");
+        let mut next = (out.len / pl) as u32;
         let mut waited = false;
         let mut gaps = 0;
         while next < count {

@@ -121,6 +121,25 @@ impl Offers {
             .min()
     }
 
+    /// The first piece boundary in `[pos, pos + len]` (before the blob's end) whose piece some
+    /// node offers: where a fetch streaming from upstream at `pos` leaves it for the nodes.
+    pub fn offered_boundary(
+        &self,
+        digest: &Digest,
+        size: u64,
+        pos: u64,
+        len: usize,
+    ) -> Option<u64> {
+        let pl = piece_length_for(size) as u64;
+        let first = pos.div_ceil(pl);
+        let last = ((pos + len as u64) / pl).min(size.div_ceil(pl).saturating_sub(1));
+        if first > last {
+            return None;
+        }
+        let p = self.next_offered(digest, size, first as u32)? as u64;
+        (p <= last).then_some(p * pl)
+    }
+
     /// The nodes offering piece `p` of the blob at `size`, the one to ask first first.
     fn holders(&self, digest: &Digest, size: u64, p: u32) -> Vec<SocketAddr> {
         let map = self.offers.lock().expect("offers poisoned");
@@ -268,6 +287,49 @@ mod tests {
 
     fn addr(node: u8) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, node], 7000))
+    }
+
+    #[test]
+    fn a_stream_is_left_only_at_the_boundary_of_an_offered_piece() {
+        let offers = Offers::new().unwrap();
+        let d = Digest::sha256_of(b"blob");
+        let pl = 256 * 1024;
+        let size = 10 * pl + 100;
+        assert_eq!(offers.offered_boundary(&d, size, 0, 4 * pl as usize), None);
+        offers.offer(&d, addr(1), Held::parse(1, size, "4-5,10-10").unwrap());
+        // A chunk reaching piece 4's start, or crossing it, is cut there; one short of it not.
+        assert_eq!(
+            offers.offered_boundary(&d, size, 3 * pl, pl as usize),
+            Some(4 * pl)
+        );
+        assert_eq!(
+            offers.offered_boundary(&d, size, 3 * pl + 1, pl as usize),
+            Some(4 * pl)
+        );
+        assert_eq!(
+            offers.offered_boundary(&d, size, 3 * pl, pl as usize - 1),
+            None
+        );
+        // Mid-piece 4 the next boundary is piece 5's; piece 6 is offered by nobody.
+        assert_eq!(
+            offers.offered_boundary(&d, size, 4 * pl + 1, pl as usize),
+            Some(5 * pl)
+        );
+        assert_eq!(
+            offers.offered_boundary(&d, size, 5 * pl + 1, pl as usize),
+            None
+        );
+        // The last piece (10) is cut at its start; the blob's end is no boundary.
+        assert_eq!(
+            offers.offered_boundary(&d, size, 9 * pl + 5, pl as usize),
+            Some(10 * pl)
+        );
+        assert_eq!(offers.offered_boundary(&d, size, 10 * pl + 1, 99), None);
+        // Offers of another size do not count.
+        assert_eq!(
+            offers.offered_boundary(&d, size + 1, 3 * pl, pl as usize),
+            None
+        );
     }
 
     #[test]
