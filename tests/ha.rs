@@ -62,6 +62,19 @@ async fn pull_all(proxies: &[Proxy], image: &Image, reference: &str) -> Vec<Dura
     times
 }
 
+/// Has the tracker at `tracker_url` fetch and seed `digest` of `repo` (a torrent request).
+async fn seed_on(tracker_url: &str, registry: &Registry, repo: &str, digest: &str) {
+    let r = bay_tests::http_client()
+        .get(format!(
+            "{tracker_url}/v1/torrents/{}/{repo}/blobs/{digest}",
+            registry.authority()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+}
+
 /// Waits (at most 60 s) until `tracker`'s counter `metric` reaches `at_least`.
 async fn reached(tracker: &Tracker, metric: &str, at_least: f64) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -261,17 +274,7 @@ async fn a_tracker_killed_mid_pull_leaves_what_the_nodes_got_to_the_next_one() {
     let layer = image.layers[0].clone();
     let victim = owner(&urls, &layer.digest);
     let survivor = 1 - victim;
-    let r = bay_tests::http_client()
-        .get(format!(
-            "{}/v1/torrents/{}/ha/midpull/blobs/{}",
-            urls[victim],
-            registry.authority(),
-            layer.digest
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    seed_on(&urls[victim], &registry, "ha/midpull", &layer.digest).await;
     let mut proxies = Vec::new();
     for _ in 0..3 {
         proxies.push(
@@ -342,17 +345,7 @@ async fn an_empty_owner_does_not_fetch_what_another_tracker_holds() {
     for blob in &blobs {
         let owner = owner(&urls, &blob.digest);
         owners[owner] += 1;
-        let r = bay_tests::http_client()
-            .get(format!(
-                "{}/v1/torrents/{}/ha/held/blobs/{}",
-                urls[1 - owner],
-                registry.authority(),
-                blob.digest
-            ))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), reqwest::StatusCode::OK);
+        seed_on(&urls[1 - owner], &registry, "ha/held", &blob.digest).await;
     }
     assert!(owners.iter().all(|&n| n > 0), "owners {owners:?}");
 
@@ -546,17 +539,7 @@ async fn a_download_that_gave_up_still_serves_the_pieces_it_offered() {
     let tracker = Tracker::start(&[registry.url()], &["--upload-limit", "2M"])
         .await
         .unwrap();
-    let r = bay_tests::http_client()
-        .get(format!(
-            "{}/v1/torrents/{}/ha/gaveup/blobs/{}",
-            tracker.url(),
-            registry.authority(),
-            layer.digest
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    seed_on(&tracker.url(), &registry, "ha/gaveup", &layer.digest).await;
     let mut proxy = Proxy::start(&[tracker.url()], &registry.url(), &["--stall-timeout", "2"])
         .await
         .unwrap();
