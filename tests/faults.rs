@@ -1654,6 +1654,19 @@ async fn a_peer_that_takes_requests_and_never_answers() {
 /// blob again: the fetch reads past what its file already holds and keeps the right blob.
 #[tokio::test(flavor = "multi_thread")]
 async fn late_offers_with_an_upstream_that_ignores_ranges() {
+    offers_with_an_upstream_that_ignores_ranges(true).await;
+}
+
+/// The same for offers that come with the request starting the fetch: the nodes' pieces, then
+/// the rest, which upstream sends as the whole blob.
+#[tokio::test(flavor = "multi_thread")]
+async fn first_offers_with_an_upstream_that_ignores_ranges() {
+    offers_with_an_upstream_that_ignores_ranges(false).await;
+}
+
+/// A node offers four pieces (8-11 after a plain request started the fetch when `late`, else
+/// 0-3 with the request that starts it); upstream ignores every `Range`.
+async fn offers_with_an_upstream_that_ignores_ranges(late: bool) {
     let _serial = serial().await;
     let blob: Vec<u8> = (0..4u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8 ^ 0x5a)
@@ -1664,28 +1677,42 @@ async fn late_offers_with_an_upstream_that_ignores_ranges() {
         .await
         .unwrap();
     let pl = bay_common::torrent::piece_length_for(blob.len() as u64) as usize;
-    let node = bay_tests::ExchangeNode::start(blob.clone(), &[8..=11], false).await;
+    let (held, query) = if late {
+        (8..=11, "8-11")
+    } else {
+        (0..=3, "0-3")
+    };
+    let node = bay_tests::ExchangeNode::start(blob.clone(), &[held], false).await;
     let url = format!(
         "{}/v1/torrents/{}/{REPO}/blobs/{digest}",
         tracker.url(),
         fake.addr
     );
-    // The first request starts the fetch; the offer comes while upstream sends piece 0 or 1.
-    let (first, late) = tokio::join!(http_client().get(&url).send(), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    let offer = async {
         node.client()
             .get(format!(
-                "{url}?exchange={}&size={}&held=8-11",
+                "{url}?exchange={}&size={}&held={query}",
                 node.port,
                 blob.len()
             ))
             .send()
             .await
             .unwrap()
-    });
+    };
+    let answers = if late {
+        // The first request starts the fetch; the offer comes while upstream sends piece 0
+        // or 1.
+        let (first, late) = tokio::join!(http_client().get(&url).send(), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            offer.await
+        });
+        vec![first.unwrap(), late]
+    } else {
+        vec![offer.await]
+    };
     let right =
         bay_common::torrent::BlobTorrent::from_bytes(digest.parse().unwrap(), &blob).unwrap();
-    for r in [first.unwrap(), late] {
+    for r in answers {
         assert_eq!(r.status(), StatusCode::OK, "{}", tracker.log_text());
         let t = bay_common::torrent::BlobTorrent::from_metainfo(&r.bytes().await.unwrap()).unwrap();
         assert_eq!(t.info_hash(), right.info_hash());
@@ -1693,10 +1720,12 @@ async fn late_offers_with_an_upstream_that_ignores_ranges() {
     let kept = tracker.data_dir().join("blobs").join(right.file_name());
     assert_eq!(sha256_file(&kept).unwrap(), digest);
     assert_eq!(node.served(), 4 * pl as u64, "{}", tracker.log_text());
+    // The ignored range, after the whole blob the late offer interrupted.
     assert_eq!(
         fake.blob_gets(),
-        2,
-        "the whole blob, then the ignored range"
+        if late { 2 } else { 1 },
+        "{}",
+        tracker.log_text()
     );
     assert!(
         tracker.log_text().contains("upstream did not resume"),

@@ -547,48 +547,23 @@ impl Blobs {
             }
             // Upstream resumes where the nodes' pieces end, or sends the whole blob.
             let mut resp = None;
-            let mut resumed = false;
-            if let Some(size) = offered.filter(|_| out.len > 0) {
-                tracing::info!(
-                    taken,
-                    prefix = out.len,
-                    "took the pieces nodes offered; asking upstream for the rest"
-                );
-                let want = format!("bytes {}-{}/{size}", out.len, size - 1);
-                if out.len == size {
-                    resumed = true;
-                } else {
-                    match self
-                        .upstream
-                        .get_blob_from(
-                            &source.registry,
-                            &source.name,
-                            digest,
-                            &source.creds,
-                            out.len,
-                        )
-                        .await
-                    {
-                        Ok(r) if partial(&r, &want) => {
-                            resp = Some(r);
-                            resumed = true;
-                        }
-                        // It ignored the range, or the blob is not the size the nodes said.
-                        other => {
-                            let why = match &other {
-                                Ok(r) => format!("answered {}", r.status()),
-                                Err(e) => e.to_string(),
-                            };
-                            tracing::info!(
-                                "upstream did not resume at {want} ({why}): fetching the whole blob"
-                            );
-                        }
-                    }
+            // Bytes of upstream's answer the file already holds: the nodes' pieces, when
+            // upstream ignores the `Range` and sends the whole blob.
+            let mut skip = 0u64;
+            let resumed = match offered.filter(|_| out.len > 0) {
+                Some(size) => {
+                    tracing::info!(
+                        taken,
+                        prefix = out.len,
+                        "took the pieces nodes offered; asking upstream for the rest"
+                    );
+                    (resp, skip) = self.rest_from(digest, source, size, out.len).await?;
+                    true
                 }
-            }
+                None => false,
+            };
             if !resumed {
                 out.start_over(digest).await?;
-                taken = 0;
                 resp = Some(
                     self.upstream
                         .get_blob(&source.registry, &source.name, digest, &source.creds)
@@ -636,9 +611,6 @@ impl Blobs {
             // taken up again after them with a `Range`.
             let late_size = announced.filter(|_| from_nodes);
             let mut late_takes = 0;
-            // Bytes of a whole-blob answer that are already in the file (upstream ignored a
-            // `Range` after late offers).
-            let mut skip = 0u64;
             while let Some(chunk) = match resp.as_mut() {
                 Some(r) => r
                     .chunk()
@@ -744,9 +716,7 @@ impl Blobs {
     }
 
     /// Takes the pieces nodes offered from where `out` reaches (a piece boundary) after
-    /// upstream's stream was left there, then asks upstream for the rest. Returns upstream's
-    /// answer (None if the nodes had it all) and how many of its first bytes the file already
-    /// holds: an upstream that ignores the `Range` sends the whole blob again.
+    /// upstream's stream was left there, then asks upstream for the rest ([`Self::rest_from`]).
     async fn take_late_offers(
         &self,
         digest: &Digest,
@@ -765,19 +735,26 @@ impl Blobs {
             prefix = out.len,
             "took pieces nodes offered after upstream began; asking upstream for the rest"
         );
-        if out.len == size {
+        self.rest_from(digest, source, size, out.len).await
+    }
+
+    /// Upstream's answer for the blob from byte `from` on (None if `from` is its end), and how
+    /// many of the answer's first bytes the file already holds: 0 for the 206 asked for, `from`
+    /// when upstream ignored the `Range` and sends the whole blob.
+    async fn rest_from(
+        &self,
+        digest: &Digest,
+        source: &Source,
+        size: u64,
+        from: u64,
+    ) -> Result<(Option<reqwest::Response>, u64), TrackerError> {
+        if from == size {
             return Ok((None, 0));
         }
-        let want = format!("bytes {}-{}/{size}", out.len, size - 1);
+        let want = format!("bytes {from}-{}/{size}", size - 1);
         let r = self
             .upstream
-            .get_blob_from(
-                &source.registry,
-                &source.name,
-                digest,
-                &source.creds,
-                out.len,
-            )
+            .get_blob_from(&source.registry, &source.name, digest, &source.creds, from)
             .await;
         let why = match r {
             Ok(r) if partial(&r, &want) => return Ok((Some(r), 0)),
@@ -786,7 +763,7 @@ impl Blobs {
                     "upstream did not resume at {want} (answered 200): reading past what the \
                      file holds"
                 );
-                return Ok((Some(r), out.len));
+                return Ok((Some(r), from));
             }
             Ok(r) => format!("answered {}", r.status()),
             Err(e) => e.to_string(),
@@ -796,7 +773,7 @@ impl Blobs {
             .upstream
             .get_blob(&source.registry, &source.name, digest, &source.creds)
             .await?;
-        Ok((Some(r), out.len))
+        Ok((Some(r), from))
     }
 
     /// Writes the pieces nodes offered into `out` in order (`crate::offers`), from where it
