@@ -32,7 +32,8 @@ pub struct Config {
     #[arg(long = "upstream", env = "BAY_UPSTREAM", value_delimiter = ',', value_parser = parse_registry)]
     pub upstreams: Vec<Registry>,
 
-    /// Where verified blobs (blobs/) and partial downloads (tmp/) live.
+    /// Where verified blobs (blobs/), partial downloads (tmp/) and the seed's piece bitfields
+    /// (seed-state/) live.
     #[arg(long, env = "BAY_DATA_DIR", default_value = "/var/lib/bay-tracker")]
     pub data_dir: PathBuf,
 

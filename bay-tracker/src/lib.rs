@@ -40,9 +40,14 @@ pub async fn run(
     );
     let peer_listen = SocketAddr::new(config.listen.ip(), config.peer_port);
     let seeder = Arc::new(
-        seeder::Seeder::start(peer_listen, store.blob_dir(), config.upload_limit)
-            .await
-            .with_context(|| format!("starting the BitTorrent seed on {peer_listen}"))?,
+        seeder::Seeder::start(
+            peer_listen,
+            store.blob_dir(),
+            &config.data_dir.join("seed-state"),
+            config.upload_limit,
+        )
+        .await
+        .with_context(|| format!("starting the BitTorrent seed on {peer_listen}"))?,
     );
     let upstream = Arc::new(UpstreamClient::new(UpstreamOptions::with_timeout(
         config.upstream_timeout,

@@ -4,9 +4,20 @@
 //! multi-threaded runtime librqbit reads every 16 KiB upload chunk through `block_in_place`,
 //! and the seed cost 1.8-2.8 CPU-s per GiB it sent (`bench/fastlink`, aria2c and librqbit
 //! downloading from it).
+//!
+//! Every blob it seeds was hashed by the tracker just before (the fetch, or the re-read at
+//! start, builds the torrent from the bytes it checked against the digest). librqbit would hash
+//! it all again before seeding: one more SHA-1 pass over the file, on the path of every cold
+//! pull, since a fetched blob is handed out only once it seeds. Its fast resume skips that: the
+//! session keeps a piece bitfield per torrent in a state dir, and for a torrent whose bitfield
+//! says "complete" it reads a sample of pieces (the first and a few more) instead of all. The
+//! seeder writes that bitfield itself before each add. In librqbit 9.1 the sample catches only
+//! pieces it cannot read (a short file), not a wrong hash, so the tracker's own check is the one
+//! that counts, as it was before: a node's librqbit checks every piece it receives anyway. The
+//! seeder empties the state dir at start, so librqbit never restores a session of its own.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +28,7 @@ use librqbit::api::TorrentIdOrHash;
 use librqbit::dht::Id20;
 use librqbit::{
     AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions,
+    SessionPersistenceConfig,
 };
 
 use crate::error::TrackerError;
@@ -27,22 +39,36 @@ const INIT_TIMEOUT: Duration = Duration::from_secs(600);
 pub struct Seeder {
     rt: Dedicated,
     session: Arc<Session>,
+    /// Where librqbit's fast resume reads the bitfields the seeder writes.
+    state_dir: PathBuf,
     /// Uploads of torrents since removed, which the session no longer reports.
     retired_uploaded: std::sync::atomic::AtomicU64,
 }
 
 impl Seeder {
-    /// Starts a session listening on `listen` with DHT, local discovery, UPnP and persistence
-    /// off: the tracker hands out its own seed, so the session announces to no tracker either.
+    /// Starts a session listening on `listen` with DHT, local discovery and UPnP off: the
+    /// tracker hands out its own seed, so the session announces to no tracker either. Its
+    /// fast-resume bitfields go to `state_dir`, emptied first of an earlier run's.
     pub async fn start(
         listen: SocketAddr,
         blob_dir: &Path,
+        state_dir: &Path,
         upload_limit: Option<u64>,
     ) -> anyhow::Result<Self> {
+        match std::fs::remove_dir_all(state_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::anyhow!("emptying {}: {e}", state_dir.display()));
+            }
+            _ => {}
+        }
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", state_dir.display()))?;
         let opts = SessionOptions {
             dht: None,
-            persistence: None,
-            fastresume: false,
+            persistence: Some(SessionPersistenceConfig::Json {
+                folder: Some(state_dir.to_path_buf()),
+            }),
+            fastresume: true,
             disable_trackers: true,
             disable_local_service_discovery: true,
             listen: Some(ListenerOptions {
@@ -74,6 +100,7 @@ impl Seeder {
         Ok(Self {
             rt,
             session,
+            state_dir: state_dir.to_path_buf(),
             retired_uploaded: Default::default(),
         })
     }
@@ -82,11 +109,17 @@ impl Seeder {
         self.session.listen_addr()
     }
 
-    /// Seeds a verified blob that sits at `blob_dir/<torrent file name>`. librqbit re-hashes
-    /// the pieces before it seeds (it has no way to be told the data is good).
+    /// Seeds a blob that sits at `blob_dir/<torrent file name>` and whose torrent was built from
+    /// the bytes checked against its digest. librqbit checks a sample of its pieces (module doc).
     pub async fn add(&self, torrent: &BlobTorrent, blob_dir: &Path) -> Result<(), TrackerError> {
         let bytes = torrent.to_metainfo(&[]);
         let seed_err = |e: String| TrackerError::Seed(format!("{}: {e}", torrent.digest()));
+        let bitv = self
+            .state_dir
+            .join(format!("{}.bitv", torrent.info_hash().to_hex()));
+        tokio::fs::write(&bitv, complete_bitfield(torrent.piece_count()))
+            .await
+            .map_err(|e| seed_err(format!("writing {}: {e}", bitv.display())))?;
         let session = self.session.clone();
         let opts = AddTorrentOptions {
             overwrite: true,
@@ -165,5 +198,95 @@ impl Seeder {
             tracing::debug!("stopping the session: {e}");
         }
         self.rt.shutdown();
+    }
+}
+
+/// A BitTorrent bitfield with every one of `pieces` set: bit 7 of byte 0 is piece 0, and the
+/// bits past the last piece stay clear. This is the layout librqbit reads a fast-resume bitfield
+/// in.
+fn complete_bitfield(pieces: usize) -> Vec<u8> {
+    let mut out = vec![0xff; pieces.div_ceil(8)];
+    if !pieces.is_multiple_of(8)
+        && let Some(last) = out.last_mut()
+    {
+        *last = 0xff << (8 - pieces % 8);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bay_common::Digest;
+
+    #[test]
+    fn a_complete_bitfield_sets_each_piece_and_no_more() {
+        assert_eq!(complete_bitfield(1), [0x80]);
+        assert_eq!(complete_bitfield(8), [0xff]);
+        assert_eq!(complete_bitfield(9), [0xff, 0x80]);
+        assert_eq!(complete_bitfield(23), [0xff, 0xff, 0xfe]);
+    }
+
+    /// Bytes read so far by the seed's runtime thread, where librqbit checks pieces.
+    fn seed_thread_reads() -> u64 {
+        let mut total = 0;
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = task.unwrap().path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if comm.trim() != "bay-seed" {
+                continue;
+            }
+            let io = std::fs::read_to_string(dir.join("io")).unwrap();
+            total += io
+                .lines()
+                .find_map(|l| l.strip_prefix("rchar: "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap();
+        }
+        total
+    }
+
+    fn blob_on_disk(dir: &Path, size: usize) -> BlobTorrent {
+        let data: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
+        let torrent = BlobTorrent::from_bytes(Digest::sha256_of(&data), &data).unwrap();
+        std::fs::write(dir.join(torrent.file_name()), &data).unwrap();
+        torrent
+    }
+
+    // The one test in this crate that starts a seed, so its thread's reads are its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blob_is_seeded_after_a_sample_of_its_pieces_is_checked_not_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let seeder = Seeder::start(
+            "127.0.0.1:0".parse().unwrap(),
+            &blobs,
+            &dir.path().join("seed-state"),
+            None,
+        )
+        .await
+        .unwrap();
+
+        let size = 64 << 20;
+        let torrent = blob_on_disk(&blobs, size);
+        assert!(torrent.piece_count() >= 64, "{}", torrent.piece_count());
+        let before = seed_thread_reads();
+        seeder.add(&torrent, &blobs).await.unwrap();
+        let read = seed_thread_reads() - before;
+        // Without fast resume librqbit reads (and hashes) every byte: read >= size.
+        assert!(
+            read < size as u64 / 4,
+            "librqbit read {read} bytes of a {size}-byte blob before seeding it"
+        );
+        assert!(read > 0, "librqbit checked no piece at all");
+        assert!(
+            seeder
+                .session
+                .get(TorrentIdOrHash::Hash(Id20::new(torrent.info_hash().0)))
+                .is_some()
+        );
+
+        seeder.stop().await;
     }
 }
