@@ -37,6 +37,14 @@ pub struct Config {
     #[arg(long, env = "BAY_DATA_DIR", default_value = "/var/lib/bay-tracker")]
     pub data_dir: PathBuf,
 
+    /// Seed a blob the tracker has just verified without librqbit hashing all of it again (its
+    /// fast resume, with a piece bitfield per blob in seed-state/): a cold fetch answers
+    /// sooner and costs less CPU. librqbit then rewrites a session file listing every held
+    /// blob on each add, which costs more than the hash it saves when tens of thousands of
+    /// blobs of a few MiB or less are held; `false` for such a cache (bench/RESULTS.md).
+    #[arg(long, env = "BAY_SEED_FAST_RESUME", default_value_t = true, action = clap::ArgAction::Set)]
+    pub seed_fast_resume: bool,
+
     /// Most bytes of blobs to keep; least recently requested blobs are evicted beyond it.
     /// Accepts a plain number or K/M/G/T (binary) suffixes, e.g. 50G.
     #[arg(long, env = "BAY_CACHE_SIZE", default_value = "50G", value_parser = parse_size)]

@@ -43,7 +43,10 @@ pub async fn run(
         seeder::Seeder::start(
             peer_listen,
             store.blob_dir(),
-            &config.data_dir.join("seed-state"),
+            config
+                .seed_fast_resume
+                .then(|| config.data_dir.join("seed-state"))
+                .as_deref(),
             config.upload_limit,
         )
         .await
