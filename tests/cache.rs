@@ -18,8 +18,12 @@ struct Setup {
 }
 
 async fn setup(seed: u64) -> Setup {
+    setup_sized(2 << 20, seed).await
+}
+
+async fn setup_sized(size: u64, seed: u64) -> Setup {
     let registry = Registry::start(RegistryOptions::default()).await.unwrap();
-    let image = Image::generate(&[2 << 20], seed).unwrap();
+    let image = Image::generate(&[size], seed).unwrap();
     image
         .push(&registry, &format!("{REPO}:1"), None)
         .await
@@ -49,6 +53,46 @@ async fn get(url: &str, range: Option<&str>) -> (StatusCode, Vec<u8>) {
     let resp = req.send().await.unwrap();
     let status = resp.status();
     (status, resp.bytes().await.unwrap().to_vec())
+}
+
+/// A cached blob is served from its file in blocks of 1 MiB: whole, and in ranges that start,
+/// end or cross a block's edge, every byte is the blob's and the upstream is not asked again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_blob_is_served_whole_and_in_ranges_across_its_read_blocks() {
+    let s = setup_sized((5 << 20) / 2, 40).await;
+    let layer = s.image.layers[0].clone();
+    let good = s.image.blob_bytes(&layer.digest).unwrap();
+    assert!(good.len() > (2 << 20), "{}", good.len());
+    let p = Proxy::start(&[s.tracker.url()], &s.registry.url(), &[])
+        .await
+        .unwrap();
+    let url = blob_url(&p, &layer.digest);
+    assert_eq!(get(&url, None).await.0, StatusCode::OK);
+    p.wait_held(1, Duration::from_secs(30)).await.unwrap();
+    let served = r#"bay_blob_bytes_served_total{source="cache"}"#;
+    let before = Scrape::of(&p.url()).await.unwrap().value(served);
+
+    let (status, body) = get(&url, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body == good, "the whole blob from the cache differs");
+    let mib = 1usize << 20;
+    let last = good.len() - 1;
+    for (from, to) in [
+        (0, 0),
+        (mib - 10, mib + 10),
+        (mib, 2 * mib - 1),
+        (mib - 1, 2 * mib),
+        (2 * mib - 1, last),
+        (last, last),
+    ] {
+        let (status, body) = get(&url, Some(&format!("bytes={from}-{to}"))).await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT, "bytes={from}-{to}");
+        assert!(body == good[from..=to], "bytes={from}-{to} differ");
+    }
+    let after = Scrape::of(&p.url()).await.unwrap().value(served);
+    let ranges = 1 + 21 + mib + (mib + 2) + (last - 2 * mib + 2) + 1;
+    assert_eq!(after - before, (good.len() + ranges) as f64);
+    assert_eq!(s.registry.blob_gets(&layer.digest), 1);
 }
 
 /// A Range GET of a cached blob whose file was changed after it was verified gets the right

@@ -46,6 +46,8 @@ mod stream;
 use stream::{Reading, Source, Tee, VerifyingBody};
 
 const CHUNK: usize = 256 * 1024;
+/// Bytes per read of a cached file sent as it is.
+const CACHE_READ: u64 = 1 << 20;
 /// How often the idle requesters of a running download are woken. A peer's new piece waits
 /// for the next wake-up before anyone asks for it; 50 ms beat 200 ms and 20 ms in
 /// `bench/swarm.sh` (`bench/RESULTS.md`).
@@ -1139,7 +1141,7 @@ impl Blobs {
     ) -> Result<Response, ProxyError> {
         let digest = &req.digest;
         let path = self.store.blob_path(digest);
-        let mut file = tokio::fs::File::open(&path).await?;
+        let file = tokio::fs::File::open(&path).await?;
         let range = match range {
             Some(r) => Some(
                 ByteRange::parse(r, size)
@@ -1154,14 +1156,14 @@ impl Blobs {
         };
         match range {
             Some(r) if !(r.start == 0 && r.end + 1 == size) => {
-                file.seek(std::io::SeekFrom::Start(r.start)).await?;
                 let len = r.end + 1 - r.start;
+                let file = file.into_std().await;
                 Ok(blob_response(
                     digest,
                     len,
                     status,
                     Some(r.content_range(size)),
-                    self.plain_file_body(req, file, len),
+                    self.plain_file_body(req, file, r.start, len),
                 ))
             }
             // Verified when it was written (or re-read at start) and not changed since: sent
@@ -1171,7 +1173,7 @@ impl Blobs {
                 .unchanged_since_verified(digest, &file.metadata().await?) =>
             {
                 let cr = range.map(|r| r.content_range(size));
-                let body = self.plain_file_body(req, file, size);
+                let body = self.plain_file_body(req, file.into_std().await, 0, size);
                 Ok(blob_response(digest, size, status, cr, body))
             }
             // Changed on disk since: re-hashed on the way out, dropped if it no longer matches.
@@ -1190,22 +1192,45 @@ impl Blobs {
         }
     }
 
-    /// `len` bytes of a cached file from where it is positioned, counted as served from cache.
+    /// `len` bytes of a cached file from `start`, counted as served from cache. Each block is
+    /// read straight into a pooled buffer by the thread that then writes it to the client
+    /// ([`bay_common::runtime::in_place`]): through tokio's file, every block went to a
+    /// blocking-pool thread and back and was copied once more, out of tokio's buffer.
     fn plain_file_body(
         self: &Arc<Self>,
         req: &BlobRequest,
-        file: tokio::fs::File,
+        file: std::fs::File,
+        start: u64,
         len: u64,
     ) -> Body {
         self.metrics.ledger.served(&req.image(), len);
         let this = self.clone();
-        let stream =
-            tokio_util::io::ReaderStream::with_capacity(file.take(len), CHUNK).inspect(move |c| {
-                if let Ok(c) = c {
-                    this.metrics.served(source::CACHE, c.len() as u64);
+        let file = Arc::new(file);
+        let pool = self.pool.clone();
+        let blocks = futures::stream::try_unfold(start, move |at| {
+            let (file, pool) = (file.clone(), pool.clone());
+            async move {
+                let end = start + len;
+                if at >= end {
+                    return Ok(None);
                 }
-            });
-        Body::from_stream(stream)
+                let n = (end - at).min(CACHE_READ) as usize;
+                let mut buf = pool.take(n);
+                let block = bay_common::runtime::in_place(move || {
+                    use std::os::unix::fs::FileExt;
+                    file.read_exact_at(buf.as_mut(), at)
+                        .map(|()| buf.into_bytes())
+                })
+                .await?;
+                Ok::<_, std::io::Error>(Some((block, at + n as u64)))
+            }
+        })
+        .inspect(move |c| {
+            if let Ok(c) = c {
+                this.metrics.served(source::CACHE, c.len() as u64);
+            }
+        });
+        Body::from_stream(blocks)
     }
 
     pub fn stats(&self) -> ProxyStats {

@@ -332,7 +332,8 @@ impl PieceReader {
 
     /// The next bytes of the range, up to a block of whole pieces; an `InvalidData` error
     /// for a piece that does not match the torrent (the pieces before it in the block are
-    /// sent first). Reading and hashing are too long for a runtime worker ([`in_place`]).
+    /// sent first). Reading and hashing are too long for a runtime worker
+    /// ([`bay_common::runtime::in_place`]).
     async fn next_block(mut self) -> (Self, std::io::Result<Option<Bytes>>) {
         if self.next >= self.end {
             return (self, Ok(None));
@@ -344,7 +345,10 @@ impl PieceReader {
         let block_end = ((first + pieces) * pl).min(self.torrent.size());
         let (file, torrent, trusted) = (self.file.clone(), self.torrent.clone(), self.trusted);
         let buf = self.pool.take((block_end - block_start) as usize);
-        let read = in_place(move || read_pieces(&file, &torrent, block_start, trusted, buf)).await;
+        let read = bay_common::runtime::in_place(move || {
+            read_pieces(&file, &torrent, block_start, trusted, buf)
+        })
+        .await;
         let (good, err) = match read {
             Ok(block) => (block, None),
             Err((good, e)) => (good, Some(e)),
@@ -360,22 +364,6 @@ impl PieceReader {
             Some(e) => (self, Err(e)),
             None => (self, Ok(None)),
         }
-    }
-}
-
-/// Runs blocking work where the task is: the worker hands its other tasks to another thread
-/// meanwhile (`block_in_place`), and the block read here is written to the socket by the same
-/// thread, from its cache. Handing each block to a blocking-pool thread and back cost the
-/// tracker 0.61 CPU-s per GiB served against 0.53 this way (`bench/fastlink`, five pairs). A
-/// current-thread runtime (tests driving this in-process) cannot, and uses the pool.
-async fn in_place<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'static) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
-        tokio::task::block_in_place(work)
-    } else {
-        tokio::task::spawn_blocking(work)
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 }
 
