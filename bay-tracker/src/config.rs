@@ -32,16 +32,18 @@ pub struct Config {
     #[arg(long = "upstream", env = "BAY_UPSTREAM", value_delimiter = ',', value_parser = parse_registry)]
     pub upstreams: Vec<Registry>,
 
-    /// Where verified blobs (blobs/), partial downloads (tmp/) and the seed's piece bitfields
+    /// Where verified blobs (blobs/), partial downloads (tmp/) and the seed's fast-resume state
     /// (seed-state/) live.
     #[arg(long, env = "BAY_DATA_DIR", default_value = "/var/lib/bay-tracker")]
     pub data_dir: PathBuf,
 
     /// Seed a blob the tracker has just verified without librqbit hashing all of it again (its
-    /// fast resume, with a piece bitfield per blob in seed-state/): a cold fetch answers
-    /// sooner and costs less CPU. librqbit then rewrites a session file listing every held
-    /// blob on each add, which costs more than the hash it saves when tens of thousands of
-    /// blobs of a few MiB or less are held; `false` for such a cache (bench/RESULTS.md).
+    /// fast resume: a piece bitfield, a torrent copy and a session file in seed-state/): a cold
+    /// fetch answers sooner and costs less CPU. librqbit then rewrites the session file,
+    /// listing every held blob, on each add, which costs more than the hash it saves when tens
+    /// of thousands of blobs of a few MiB or less are held, and keeps each blob's bitfield file
+    /// open (two open files per held blob, not one); `false` for such a cache
+    /// (bench/RESULTS.md).
     #[arg(long, env = "BAY_SEED_FAST_RESUME", default_value_t = true, action = clap::ArgAction::Set)]
     pub seed_fast_resume: bool,
 

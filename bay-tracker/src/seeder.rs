@@ -25,6 +25,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bay_common::announce::InfoHash;
@@ -49,6 +50,8 @@ pub struct Seeder {
     state_dir: Option<PathBuf>,
     /// Uploads of torrents since removed, which the session no longer reports.
     retired_uploaded: std::sync::atomic::AtomicU64,
+    /// The id the next torrent gets in the session.
+    next_id: AtomicUsize,
 }
 
 impl Seeder {
@@ -111,6 +114,7 @@ impl Seeder {
             session,
             state_dir: state_dir.map(Path::to_path_buf),
             retired_uploaded: Default::default(),
+            next_id: AtomicUsize::new(0),
         })
     }
 
@@ -119,12 +123,23 @@ impl Seeder {
     }
 
     /// Seeds a blob that sits at `blob_dir/<torrent file name>` and whose torrent was built from
-    /// the bytes checked against its digest. librqbit checks a sample of its pieces (module doc).
+    /// the bytes checked against its digest. With fast resume librqbit reads a sample of its
+    /// pieces, without it hashes them all (module doc).
     pub async fn add(&self, torrent: &BlobTorrent, blob_dir: &Path) -> Result<(), TrackerError> {
+        let added = self.add_once(torrent, blob_dir).await;
+        if added.is_err()
+            && let Some(dir) = &self.state_dir
+        {
+            let _ = tokio::fs::remove_file(bitv_path(dir, torrent)).await;
+        }
+        added
+    }
+
+    async fn add_once(&self, torrent: &BlobTorrent, blob_dir: &Path) -> Result<(), TrackerError> {
         let bytes = torrent.to_metainfo(&[]);
         let seed_err = |e: String| TrackerError::Seed(format!("{}: {e}", torrent.digest()));
         if let Some(dir) = &self.state_dir {
-            let bitv = dir.join(format!("{}.bitv", torrent.info_hash().to_hex()));
+            let bitv = bitv_path(dir, torrent);
             tokio::fs::write(&bitv, complete_bitfield(torrent.piece_count()))
                 .await
                 .map_err(|e| seed_err(format!("writing {}: {e}", bitv.display())))?;
@@ -133,8 +148,13 @@ impl Seeder {
         let opts = AddTorrentOptions {
             overwrite: true,
             output_folder: Some(blob_dir.to_string_lossy().into_owned()),
+            // With persistence librqbit numbers a torrent after the ones its store has written,
+            // and two adds at once got the same number: the second was handed the first's
+            // torrent as "already managed" and never seeded. Numbered here, they cannot collide.
+            preferred_id: Some(self.next_id.fetch_add(1, Ordering::Relaxed)),
             ..Default::default()
         };
+        let want = Id20::new(torrent.info_hash().0);
         let added = self
             .rt
             .run(async move {
@@ -145,6 +165,12 @@ impl Seeder {
                 let handle = resp
                     .into_handle()
                     .ok_or("librqbit listed the torrent only")?;
+                if handle.info_hash() != want {
+                    return Err(format!(
+                        "librqbit answered with another torrent ({:?})",
+                        handle.info_hash()
+                    ));
+                }
                 tokio::time::timeout(INIT_TIMEOUT, handle.wait_until_initialized())
                     .await
                     .map_err(|_| "piece check timed out")?
@@ -208,6 +234,12 @@ impl Seeder {
         }
         self.rt.shutdown();
     }
+}
+
+/// Where librqbit's fast resume reads the bitfield of `torrent`: named by its info hash, in
+/// lowercase hex as librqbit writes it.
+fn bitv_path(dir: &Path, torrent: &BlobTorrent) -> PathBuf {
+    dir.join(format!("{}.bitv", torrent.info_hash().to_hex()))
 }
 
 /// A BitTorrent bitfield with every one of `pieces` set: bit 7 of byte 0 is piece 0, and the
@@ -285,13 +317,30 @@ mod tests {
         let id = TorrentIdOrHash::Hash(Id20::new(torrent.info_hash().0));
         assert!(seeder.session.get(id).unwrap().stats().finished);
         seeder.stop().await;
+        seed_thread_gone().await;
         (read, size)
+    }
+
+    /// Waits for the stopped seed's thread to end, so the next seed's reads are its own.
+    async fn seed_thread_gone() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
+            std::fs::read_to_string(t.unwrap().path().join("comm"))
+                .is_ok_and(|c| c.trim() == "bay-seed")
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the seed's thread lives on"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     // The one test in this crate that starts seeds, one at a time, so their thread's reads
     // are their own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_blob_is_seeded_after_a_sample_of_its_pieces_is_checked_not_all() {
+        seed_thread_gone().await;
         let (read, size) = read_to_seed(true).await;
         assert!(
             read < size as u64 / 4,
@@ -301,5 +350,27 @@ mod tests {
         // Without fast resume it reads (and hashes) every byte.
         let (read, size) = read_to_seed(false).await;
         assert!(read >= size as u64, "librqbit read {read} bytes of {size}");
+
+        // Blobs held at the same moment (fetches end together) are all seeded, each with its
+        // own torrent.
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let state = dir.path().join("seed-state");
+        let seeder = Seeder::start("127.0.0.1:0".parse().unwrap(), &blobs, Some(&state), None)
+            .await
+            .unwrap();
+        let torrents: Vec<_> = (0..8).map(|_| blob_on_disk(&blobs, 1 << 20)).collect();
+        let added = futures::future::join_all(torrents.iter().map(|t| seeder.add(t, &blobs))).await;
+        for (t, a) in torrents.iter().zip(added) {
+            a.unwrap();
+            let id = TorrentIdOrHash::Hash(Id20::new(t.info_hash().0));
+            let h = seeder
+                .session
+                .get(id)
+                .expect("a blob added at the same time is not seeded");
+            assert!(h.stats().finished);
+        }
+        seeder.stop().await;
     }
 }
