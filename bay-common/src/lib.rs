@@ -9,6 +9,7 @@ pub mod flags;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;
+pub mod open_files;
 pub mod pool;
 mod quote;
 pub mod range;
