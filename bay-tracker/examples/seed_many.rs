@@ -42,11 +42,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut took = vec![];
     for fast_resume in [true, false] {
-        let state = scratch.path().join("seed-state");
         let seeder = Seeder::start(
             "127.0.0.1:0".parse()?,
             &blobs,
-            fast_resume.then_some(state.as_path()),
+            &scratch.path().join("seed-state"),
+            fast_resume,
             None,
         )
         .await?;

@@ -39,18 +39,12 @@ pub async fn run(
             .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
     );
     let peer_listen = SocketAddr::new(config.listen.ip(), config.peer_port);
-    if !config.seed_fast_resume {
-        // What an earlier run with fast resume left there is of no use without it.
-        let _ = std::fs::remove_dir_all(config.data_dir.join("seed-state"));
-    }
     let seeder = Arc::new(
         seeder::Seeder::start(
             peer_listen,
             store.blob_dir(),
-            config
-                .seed_fast_resume
-                .then(|| config.data_dir.join("seed-state"))
-                .as_deref(),
+            &config.data_dir.join("seed-state"),
+            config.seed_fast_resume,
             config.upload_limit,
         )
         .await

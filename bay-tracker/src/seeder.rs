@@ -56,22 +56,24 @@ pub struct Seeder {
 
 impl Seeder {
     /// Starts a session listening on `listen` with DHT, local discovery and UPnP off: the
-    /// tracker hands out its own seed, so the session announces to no tracker either. With a
-    /// `state_dir` (emptied first of an earlier run's) it seeds by fast resume; without one,
-    /// librqbit hashes every blob before it seeds it.
+    /// tracker hands out its own seed, so the session announces to no tracker either.
+    /// `state_dir` is emptied of an earlier run's state either way; with `fast_resume` the
+    /// session keeps its state there, without it librqbit hashes every blob before seeding it.
     pub async fn start(
         listen: SocketAddr,
         blob_dir: &Path,
-        state_dir: Option<&Path>,
+        state_dir: &Path,
+        fast_resume: bool,
         upload_limit: Option<u64>,
     ) -> anyhow::Result<Self> {
-        if let Some(dir) = state_dir {
-            match std::fs::remove_dir_all(dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(anyhow::anyhow!("emptying {}: {e}", dir.display()));
-                }
-                _ => {}
+        match std::fs::remove_dir_all(state_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::anyhow!("emptying {}: {e}", state_dir.display()));
             }
+            _ => {}
+        }
+        let state_dir = fast_resume.then_some(state_dir);
+        if let Some(dir) = state_dir {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
         }
@@ -268,23 +270,43 @@ mod tests {
         assert_eq!(complete_bitfield(23), [0xff, 0xff, 0xfe]);
     }
 
-    /// Bytes read so far by the seed's runtime thread, where librqbit checks pieces.
+    /// The threads of this process that run a seed's runtime, where librqbit checks pieces.
+    fn seed_threads() -> impl Iterator<Item = std::path::PathBuf> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .map(|t| t.unwrap().path())
+            .filter(|dir| {
+                std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == "bay-seed")
+            })
+    }
+
+    /// Bytes read so far by the seeds' threads.
     fn seed_thread_reads() -> u64 {
-        let mut total = 0;
-        for task in std::fs::read_dir("/proc/self/task").unwrap() {
-            let dir = task.unwrap().path();
-            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-            if comm.trim() != "bay-seed" {
-                continue;
-            }
-            let io = std::fs::read_to_string(dir.join("io")).unwrap();
-            total += io
-                .lines()
-                .find_map(|l| l.strip_prefix("rchar: "))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap();
-        }
-        total
+        seed_threads()
+            .map(|dir| {
+                let io = std::fs::read_to_string(dir.join("io")).unwrap();
+                io.lines()
+                    .find_map(|l| l.strip_prefix("rchar: "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap()
+            })
+            .sum()
+    }
+
+    /// A seed over `dir/blobs`, with its state in `dir/seed-state`.
+    async fn seed_in(dir: &Path, fast_resume: bool) -> (Seeder, PathBuf) {
+        let blobs = dir.join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let seeder = Seeder::start(
+            "127.0.0.1:0".parse().unwrap(),
+            &blobs,
+            &dir.join("seed-state"),
+            fast_resume,
+            None,
+        )
+        .await
+        .unwrap();
+        (seeder, blobs)
     }
 
     fn blob_on_disk(dir: &Path, size: usize) -> BlobTorrent {
@@ -297,17 +319,7 @@ mod tests {
     /// Bytes librqbit read while it added a 64 MiB blob, with fast resume or without.
     async fn read_to_seed(fast_resume: bool) -> (u64, usize) {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = dir.path().join("blobs");
-        std::fs::create_dir_all(&blobs).unwrap();
-        let state = dir.path().join("seed-state");
-        let seeder = Seeder::start(
-            "127.0.0.1:0".parse().unwrap(),
-            &blobs,
-            fast_resume.then_some(state.as_path()),
-            None,
-        )
-        .await
-        .unwrap();
+        let (seeder, blobs) = seed_in(dir.path(), fast_resume).await;
         let size = 64 << 20;
         let torrent = blob_on_disk(&blobs, size);
         assert!(torrent.piece_count() >= 64, "{}", torrent.piece_count());
@@ -324,10 +336,7 @@ mod tests {
     /// Waits for the stopped seed's thread to end, so the next seed's reads are its own.
     async fn seed_thread_gone() {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
-            std::fs::read_to_string(t.unwrap().path().join("comm"))
-                .is_ok_and(|c| c.trim() == "bay-seed")
-        }) {
+        while seed_threads().next().is_some() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the seed's thread lives on"
@@ -354,12 +363,7 @@ mod tests {
         // Blobs held at the same moment (fetches end together) are all seeded, each with its
         // own torrent.
         let dir = tempfile::tempdir().unwrap();
-        let blobs = dir.path().join("blobs");
-        std::fs::create_dir_all(&blobs).unwrap();
-        let state = dir.path().join("seed-state");
-        let seeder = Seeder::start("127.0.0.1:0".parse().unwrap(), &blobs, Some(&state), None)
-            .await
-            .unwrap();
+        let (seeder, blobs) = seed_in(dir.path(), true).await;
         let torrents: Vec<_> = (0..8).map(|_| blob_on_disk(&blobs, 1 << 20)).collect();
         let added = futures::future::join_all(torrents.iter().map(|t| seeder.add(t, &blobs))).await;
         for (t, a) in torrents.iter().zip(added) {
